@@ -1,0 +1,152 @@
+"""The `hollow-export` command: one thin click command per stage, no logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .anatomy import TARGET_PRESETS, LoraSpec, PlanError
+
+
+def _known_errors():
+    from .generate import GenerateError
+    from .lora import LoraError
+    from .models import ModelError
+    from .personalize import DataError
+    from .store import StoreError
+    return (PlanError, ModelError, DataError, LoraError, StoreError, GenerateError)
+
+
+class Group(click.Group):
+    """Turns the tool's own errors into a one-line message and exit code 1 (no traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _known_errors() as err:
+            raise click.ClickException(str(err)) from err
+
+
+def model_options(f):
+    f = click.option("--arch", type=click.Choice(["tiny", "sd15", "sd21"]), default=None,
+                     help="Built-in architecture (random weights for sd15/sd21). Default: tiny.")(f)
+    f = click.option("--model", type=click.Path(), default=None,
+                     help="Local diffusers Stable Diffusion folder (loaded with from_pretrained, local files only).")(f)
+    return f
+
+
+def plan_options(f):
+    for opt in reversed([
+        click.option("--fraction", type=float, default=None,
+                     help="Target hollowed share of U-Net parameters (default 0.4, the paper's)."),
+        click.option("--depth", type=int, default=None, help="Hollow depth k (innermost skip pairs removed)."),
+        click.option("--rank", type=int, default=128, show_default=True, help="LoRA rank."),
+        click.option("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)."),
+        click.option("--targets", type=click.Choice(sorted(TARGET_PRESETS)), default="attn", show_default=True,
+                     help="LoRA targets: attn = to_q/to_k/to_v/to_out.0 (the paper's); attn+conv adds resnet convs."),
+        click.option("--blocks", default="", help="Block-wise LoRA: comma-separated blocks to adapt, "
+                     "e.g. up_blocks.1,up_blocks.2 (default: every kept block)."),
+        click.option("--resolution", type=int, default=None, help="Image side in pixels (default: the model's)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def make_plan(unet, fraction, depth, rank, alpha, targets, blocks, resolution):
+    from .anatomy import make_plan as plan_fn
+    if fraction is None and depth is None:
+        fraction = 0.4
+    spec = LoraSpec(rank=rank, alpha=alpha, targets=targets,
+                    blocks=tuple(b.strip() for b in blocks.split(",") if b.strip()))
+    return plan_fn(unet, depth=depth, fraction=fraction, lora=spec, resolution=resolution)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Hollowed Net: memory-light on-device LoRA personalization of Stable Diffusion."""
+
+
+@main.command()
+@model_options
+@plan_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
+def plan(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution, as_json):
+    """Show what is hollowed and kept, parameter counts, LoRA size and buffer shape."""
+    from .anatomy import plan_table
+    from .models import load_unet
+    unet = load_unet(model, arch, meta=True)
+    p = make_plan(unet, fraction, depth, rank, alpha, targets, blocks, resolution)
+    click.echo(json.dumps(p.to_json(), indent=2) if as_json else plan_table(p))
+
+
+@main.command()
+@model_options
+@plan_options
+@click.option("--images", required=True, type=click.Path(), help="Folder with 3-10 photos of the subject.")
+@click.option("--instance-prompt", required=True, help='Prompt naming the subject, e.g. "a sks dog".')
+@click.option("--class-prompt", required=True, help='Prompt naming its class, e.g. "a dog".')
+@click.option("--method", type=click.Choice(["hollowed", "lora"]), default="hollowed", show_default=True,
+              help="hollowed: the paper's method; lora: plain LoRA on the full U-Net (for comparison).")
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--samples", type=int, default=200, show_default=True, help="Buffered samples (timesteps x photos).")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--out", type=click.Path(), default="runs/personalized", show_default=True)
+def personalize(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution, images,
+                instance_prompt, class_prompt, method, steps, samples, lr, batch_size, seed, device, out):
+    """Host reference trainer: collection (precompute buffer) then LoRA fine-tuning."""
+    from .models import load_pipeline
+    from .personalize import TrainSettings, personalize as run
+    pipe = load_pipeline(model, arch)
+    p = make_plan(pipe.unet, fraction, depth, rank, alpha, targets, blocks, resolution)
+    settings = TrainSettings(method=method, steps=steps, samples=samples, lr=lr, batch_size=batch_size,
+                             seed=seed, device=device)
+    record = run(pipe, p, Path(images), instance_prompt, class_prompt, Path(out), settings)
+    click.echo(f"{method}: fixed-batch loss {record['fixed_batch_loss_before']:.5f} -> "
+               f"{record['fixed_batch_loss_after']:.5f}; peak memory {record['peak_memory_bytes'] / 2**20:.0f} MiB "
+               f"({record['peak_memory_kind']}); LoRA written to {Path(out) / record['lora_file']}")
+
+
+@main.command()
+@model_options
+@click.option("--lora", "lora_dir", required=True, type=click.Path(), help="Output folder of personalize/merge.")
+@click.option("--prompt", required=True, multiple=True, help="Prompt (repeat for several).")
+@click.option("--inference", type=click.Choice(["dual", "single"]), default="dual", show_default=True)
+@click.option("--class-prompt", default=None, help="Override the class prompt recorded with the LoRA.")
+@click.option("--steps", type=int, default=25, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(), default="runs/image.png", show_default=True,
+              help="PNG path; with several prompts, a _N suffix is added per prompt.")
+def generate(model, arch, lora_dir, prompt, inference, class_prompt, steps, guidance, seed, out):
+    """Generate images with the personalized model (PyTorch engine)."""
+    from .generate import generate as run
+    from .models import load_pipeline
+    from .store import atomic_path
+    pipe = load_pipeline(model, arch)
+    out = Path(out)
+    for i, text in enumerate(prompt):
+        image = run(pipe, Path(lora_dir), text, inference, steps, guidance, seed, class_prompt)
+        target = out if len(prompt) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        with atomic_path(target) as tmp:
+            image.save(tmp, format="PNG")
+        click.echo(f"wrote {target}")
+
+
+@main.command("demo-photos")
+@click.option("--out", type=click.Path(), default="runs/photos", show_default=True)
+@click.option("--count", type=int, default=5, show_default=True)
+def demo_photos(out, count):
+    """Write synthetic subject photos for a smoke run (no real data can be downloaded here)."""
+    from .demo import subject_photos
+    paths = subject_photos(Path(out), count)
+    click.echo(f"wrote {len(paths)} photos to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Synthetic subject photos for smoke runs on the embedded default (no data can be downloaded here).
+
+In:  a folder and a count.
+Out: PNG photos of one made-up subject (a striped ball on a textured floor)
+     from different viewpoints, sizes and lighting: enough for the pipeline
+     to have a consistent "instance" to learn, never a stand-in for real data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def subject_photos(out: Path, count: int = 5, size: int = 256, seed: int = 0) -> list[Path]:
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    paths = []
+    for i in range(count):
+        floor = 0.35 + 0.1 * np.sin(xx * rng.uniform(20, 40)) * np.cos(yy * rng.uniform(20, 40))
+        image = np.stack([floor * rng.uniform(0.8, 1.2), floor * 0.9, floor * 0.7], -1)
+        cx, cy, r = rng.uniform(0.35, 0.65), rng.uniform(0.4, 0.6), rng.uniform(0.18, 0.3)
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+        stripes = (np.sin((xx - cx + yy - cy) * 40 + rng.uniform(0, 6)) > 0)[..., None]
+        ball = np.where(stripes, [0.9, 0.15, 0.1], [0.95, 0.9, 0.2]) * rng.uniform(0.7, 1.1)
+        image = np.where(inside[..., None], ball, image)
+        path = out / f"subject_{i:02d}.png"
+        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths

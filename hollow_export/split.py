@@ -1,0 +1,149 @@
+"""The U-Net cut in two: the frozen precompute net and the hollowed (trainable) net.
+
+In:  a diffusers `UNet2DConditionModel` and its `HollowPlan`.
+Out: `PrecomputeNet(sample, timestep, class_embedding) -> hidden`, the hidden
+     state entering the first kept up layer, and
+     `HollowedNet(sample, timestep, instance_embedding, hidden) -> noise`,
+     the kept down units, the kept up units fed `hidden`, and the head.
+
+Both nets hold the U-Net's own module objects (no copy) under their original
+dotted names, so a state dict of either net addresses the full U-Net. For
+every depth, `HollowedNet(x, t, e, PrecomputeNet(x, t, e))` equals the
+diffusers forward of the U-Net (tests/test_split.py). `unet_forward` runs the
+whole U-Net unit by unit with one embedding for the kept units and one for
+the hollowed units: the single-path inference of the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .anatomy import HollowPlan, Unit
+
+
+def graft(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Register `module` under the dotted `name` inside `root`, creating containers on the way."""
+    *path, leaf = name.split(".")
+    node = root
+    for part in path:
+        if part not in node._modules:
+            node.add_module(part, nn.ModuleDict())
+        node = node._modules[part]
+    node.add_module(leaf, module)
+
+
+def embed_timestep(net: nn.Module, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """The U-Net's timestep embedding (as `UNet2DConditionModel.get_time_embed` + `time_embedding`)."""
+    if timestep.dim() == 0:
+        timestep = timestep[None]
+    t_emb = net.time_proj(timestep.expand(sample.shape[0])).to(dtype=sample.dtype)
+    return net.time_embedding(t_emb)
+
+
+def run_down(net: nn.Module, unit: Unit, h, emb, context):
+    """One down unit: conv_in, a resnet(+attention) layer, or a downsampler."""
+    if unit.modules == ("conv_in",):
+        return net.conv_in(h)
+    if unit.kind == "downsample":
+        return net.get_submodule(unit.modules[0])(h)
+    h = net.get_submodule(unit.modules[0])(h, emb)
+    if len(unit.modules) > 1:
+        h = net.get_submodule(unit.modules[1])(h, encoder_hidden_states=context, return_dict=False)[0]
+    return h
+
+
+def run_up(net: nn.Module, unit: Unit, h, emb, context, skips: list):
+    """One up unit: a resnet(+attention) layer popping its skip, or an upsampler."""
+    if unit.kind == "upsample":
+        return net.get_submodule(unit.modules[0])(h)
+    h = torch.cat([h, skips.pop()], dim=1)
+    h = net.get_submodule(unit.modules[0])(h, emb)
+    if len(unit.modules) > 1:
+        h = net.get_submodule(unit.modules[1])(h, encoder_hidden_states=context, return_dict=False)[0]
+    return h
+
+
+def run_mid(net: nn.Module, h, emb, context):
+    return net.mid_block(h, emb, encoder_hidden_states=context)
+
+
+def run_head(net: nn.Module, h):
+    return net.conv_out(net.conv_act(net.conv_norm_out(h)))
+
+
+def _is_down(unit: Unit) -> bool:
+    return unit.kind in ("down", "downsample")
+
+
+class PrecomputeNet(nn.Module):
+    """Frozen original path to the buffer: all down units, the mid block, the hollowed up units."""
+
+    def __init__(self, unet, plan: HollowPlan):
+        super().__init__()
+        self.plan = plan
+        self.down_units = [u for u in plan.units if _is_down(u)]
+        self.up_units = [u for u in plan.hollowed_units if u.kind in ("up", "upsample")]
+        self.time_proj = unet.time_proj  # no parameters
+        for name in plan.precompute:
+            graft(self, name, unet.get_submodule(name))
+        self.requires_grad_(False)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        emb = embed_timestep(self, sample, timestep)
+        h, skips = sample, []
+        for unit in self.down_units:
+            h = run_down(self, unit, h, emb, encoder_hidden_states)
+            skips.append(h)
+        h = run_mid(self, h, emb, encoder_hidden_states)
+        for unit in self.up_units:
+            h = run_up(self, unit, h, emb, encoder_hidden_states, skips)
+        return h
+
+
+class HollowedNet(nn.Module):
+    """The kept layers: kept down units make the skips, the kept up units start from the buffer."""
+
+    def __init__(self, unet, plan: HollowPlan):
+        super().__init__()
+        self.plan = plan
+        self.down_units = [u for u in plan.kept_units if _is_down(u)]
+        self.up_units = [u for u in plan.kept_units if u.kind in ("up", "upsample")]
+        self.time_proj = unet.time_proj
+        self.conv_act = unet.conv_act
+        for name in plan.kept:
+            graft(self, name, unet.get_submodule(name))
+
+    def forward(self, sample, timestep, encoder_hidden_states, hidden):
+        emb = embed_timestep(self, sample, timestep)
+        h, skips = sample, []
+        for unit in self.down_units:
+            h = run_down(self, unit, h, emb, encoder_hidden_states)
+            skips.append(h)
+        h = hidden
+        for unit in self.up_units:
+            h = run_up(self, unit, h, emb, encoder_hidden_states, skips)
+        return run_head(self, h)
+
+
+def unet_forward(unet, plan: HollowPlan, sample, timestep, kept_context, hollowed_context=None):
+    """The whole U-Net, unit by unit; hollowed units see `hollowed_context` (default: `kept_context`).
+
+    With one context this is the plain diffusers forward. With the instance prompt for the kept
+    units and the class prompt for the hollowed ones it is the paper's single-path inference.
+    """
+    if hollowed_context is None:
+        hollowed_context = kept_context
+    hollowed = {u.modules for u in plan.hollowed_units}
+    emb = embed_timestep(unet, sample, timestep)
+    h, skips = sample, []
+    for unit in plan.units:
+        context = hollowed_context if unit.modules in hollowed else kept_context
+        if _is_down(unit):
+            h = run_down(unet, unit, h, emb, context)
+            skips.append(h)
+        elif unit.kind == "mid":
+            h = run_mid(unet, h, emb, context)
+        elif unit.kind in ("up", "upsample"):
+            h = run_up(unet, unit, h, emb, context, skips)
+    return run_head(unet, h)
