@@ -17,7 +17,8 @@ def _known_errors():
     from .models import ModelError
     from .personalize import DataError
     from .store import StoreError
-    return (PlanError, ModelError, DataError, LoraError, StoreError, GenerateError)
+    from .bundle import BundleError
+    return (PlanError, ModelError, DataError, LoraError, StoreError, GenerateError, BundleError)
 
 
 class Group(click.Group):
@@ -136,6 +137,36 @@ def generate(model, arch, lora_dir, prompt, inference, class_prompt, steps, guid
         with atomic_path(target) as tmp:
             image.save(tmp, format="PNG")
         click.echo(f"wrote {target}")
+
+
+@main.command()
+@model_options
+@plan_options
+@click.option("--instance-prompt", default="a sks dog", show_default=True, help="Prompt naming the subject.")
+@click.option("--class-prompt", default="a dog", show_default=True, help="Prompt naming its class.")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--beta1", type=float, default=0.9, show_default=True)
+@click.option("--beta2", type=float, default=0.999, show_default=True)
+@click.option("--eps", type=float, default=1e-8, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-2, show_default=True)
+@click.option("--steps", type=int, default=1000, show_default=True, help="Default training steps for the phone.")
+@click.option("--samples", type=int, default=200, show_default=True, help="Default buffered samples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(), default="runs/bundle", show_default=True)
+def build(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution, instance_prompt, class_prompt,
+          lr, beta1, beta2, eps, weight_decay, steps, samples, seed, out):
+    """Write the on-device bundle: precompute graph, ORT training artifacts, manifest."""
+    from .export import BuildSettings, build as run
+    from .models import load_pipeline, model_identity
+    pipe = load_pipeline(model, arch)
+    p = make_plan(pipe.unet, fraction, depth, rank, alpha, targets, blocks, resolution)
+    settings = BuildSettings(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, steps=steps,
+                             samples=samples, seed=seed)
+    manifest = run(pipe, p, Path(out), instance_prompt, class_prompt, settings, model_identity(model, arch))
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    click.echo(f"bundle {out}: depth {p.depth} ({p.hollowed_fraction:.1%} hollowed), LoRA rank {p.lora.rank} "
+               f"({p.lora_params:,} params), {len(manifest['files'])} files, {size / 2**20:.1f} MiB, "
+               f"built in {manifest['build_seconds']} s")
 
 
 @main.command("demo-photos")

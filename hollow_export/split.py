@@ -4,7 +4,8 @@ In:  a diffusers `UNet2DConditionModel` and its `HollowPlan`.
 Out: `PrecomputeNet(sample, timestep, class_embedding) -> hidden`, the hidden
      state entering the first kept up layer, and
      `HollowedNet(sample, timestep, instance_embedding, hidden) -> noise`,
-     the kept down units, the kept up units fed `hidden`, and the head.
+     the kept down units, the kept up units fed `hidden`, and the head
+     (given a `target` too, it returns the training loss: what is exported).
 
 Both nets hold the U-Net's own module objects (no copy) under their original
 dotted names, so a state dict of either net addresses the full U-Net. For
@@ -114,7 +115,8 @@ class HollowedNet(nn.Module):
         for name in plan.kept:
             graft(self, name, unet.get_submodule(name))
 
-    def forward(self, sample, timestep, encoder_hidden_states, hidden):
+    def forward(self, sample, timestep, encoder_hidden_states, hidden, target=None):
+        """Noise prediction; with `target` given, the training loss MSE(prediction, target) instead."""
         emb = embed_timestep(self, sample, timestep)
         h, skips = sample, []
         for unit in self.down_units:
@@ -123,7 +125,10 @@ class HollowedNet(nn.Module):
         h = hidden
         for unit in self.up_units:
             h = run_up(self, unit, h, emb, encoder_hidden_states, skips)
-        return run_head(self, h)
+        prediction = run_head(self, h)
+        if target is None:
+            return prediction
+        return torch.nn.functional.mse_loss(prediction, target)
 
 
 def unet_forward(unet, plan: HollowPlan, sample, timestep, kept_context, hollowed_context=None):

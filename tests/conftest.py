@@ -51,3 +51,36 @@ def unet_inputs(unet, batch=2, seed=0):
     t = torch.randint(0, 1000, (batch,), generator=g)
     e = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
     return x, t, e
+
+
+def feed_buffer(unet, plan, hidden):
+    """Pre-hook on the first kept up layer of a plain U-Net: the hidden state it receives becomes `hidden`.
+
+    This lets the unmodified diffusers forward stand as the reference for "the full U-Net given the
+    same buffered hidden state". Returns the hook handle (call .remove()).
+    """
+    first = next(u for u in plan.kept_units if u.kind == "up").modules[0]
+    channels = hidden.shape[1]
+
+    def hook(module, args):
+        x = args[0].clone()
+        x[:, :channels] = hidden
+        return (x,) + args[1:]
+    return unet.get_submodule(first).register_forward_pre_hook(hook)
+
+
+def mid_pipeline():
+    """A StableDiffusionPipeline around the mid-size U-Net (tiny VAE and tokenizer, 48-wide text encoder)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from hollow_export.models import load_pipeline
+    tiny = load_pipeline(arch="tiny")
+    torch.manual_seed(5)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                                        num_hidden_layers=2, vocab_size=514, max_position_embeddings=77,
+                                        bos_token_id=512, eos_token_id=513, pad_token_id=513)).eval()
+    unet = UNet2DConditionModel.from_config(MID_UNET).eval()
+    return StableDiffusionPipeline(vae=tiny.vae, text_encoder=text, tokenizer=tiny.tokenizer, unet=unet,
+                                   scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

@@ -8,7 +8,7 @@ from hollow_export.anatomy import LoraSpec, make_plan
 from hollow_export.models import load_pipeline
 from hollow_export.split import HollowedNet, PrecomputeNet
 
-from conftest import unet_inputs
+from conftest import feed_buffer, unet_inputs
 
 
 def _trained_lora(unet, plan, seed=0):
@@ -20,18 +20,6 @@ def _trained_lora(unet, plan, seed=0):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return net
-
-
-def _feed_buffer(unet, plan, hidden):
-    """Pre-hook on the first kept up layer of a plain U-Net: its input hidden state becomes `hidden`."""
-    first = next(u for u in plan.kept_units if u.kind == "up").modules[0]
-    channels = hidden.shape[1]
-
-    def hook(module, args):
-        x = args[0].clone()
-        x[:, :channels] = hidden
-        return (x,) + args[1:]
-    return unet.get_submodule(first).register_forward_pre_hook(hook)
 
 
 @pytest.mark.parametrize("depth, alpha", [(3, None), (1, 32.0), (6, 2.0)])
@@ -52,7 +40,7 @@ def test_lora_file_loads_into_full_unet_and_reproduces_hollowed_output(tmp_path,
 
     fresh = load_pipeline(arch="tiny")
     fresh.load_lora_weights(str(tmp_path), weight_name=lora.LORA_FILE)  # diffusers' own loader
-    handle = _feed_buffer(fresh.unet, plan, hidden)
+    handle = feed_buffer(fresh.unet, plan, hidden)
     with torch.no_grad():
         full = fresh.unet(x, t, e).sample  # the plain diffusers forward, LoRA loaded by diffusers
         handle.remove()

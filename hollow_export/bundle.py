@@ -1,0 +1,108 @@
+"""The bundle format: the contract between the host (`export.py`) and the phone.
+
+In:  a bundle folder.
+Out: its manifest, after checking the format version and every file's size
+     and sha256 (`open_bundle`), and the names both clients agree on.
+Torch-free on purpose: the device runtime (`runtime.py`) and the Kotlin app
+read the same manifest. android_demo/PROTOCOL.md describes it in prose.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import store
+
+FORMAT = "hollow-export-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VAE_ENCODER = "vae_encoder.onnx"
+PRECOMPUTE = "precompute.onnx"
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+PROMPTS = "prompts.safetensors"
+SCHEDULE = "schedule.safetensors"
+PRECOMPUTE_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+TRAIN_INPUTS = ("sample", "timestep", "encoder_hidden_states", "hidden", "target")
+
+
+class BundleError(Exception):
+    """A bundle that is incomplete, of another version or fails a hash (message names the file and fix)."""
+
+
+def _graph_io(path: Path, skip: set[str]) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            if v.name in skip:
+                continue
+            t = v.type.tensor_type
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                        "shape": [d.dim_param or d.dim_value for d in t.shape.dim]})
+        return out
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def make_manifest(folder: Path, identity: dict, plan: dict, prompts: dict, lora: list[dict], frozen_params: int,
+                  hyper: dict, memory: dict) -> dict:
+    """Describe every file in `folder` (sha256, size) and every graph's user-facing inputs and outputs."""
+    folder = Path(folder)
+    params = {item["name"] for item in lora}
+    files = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
+        files[path.name] = {"sha256": store.sha256(path), "bytes": path.stat().st_size}
+    frozen = set()
+    if (folder / TRAINING_MODEL).exists():
+        import onnx
+        train = onnx.load(str(folder / TRAINING_MODEL), load_external_data=False)
+        frozen = {i.name for i in train.graph.input if i.name not in TRAIN_INPUTS}
+    graphs = {name: _graph_io(folder / name, params | frozen)
+              for name in (VAE_ENCODER, PRECOMPUTE, TRAINING_MODEL, EVAL_MODEL) if (folder / name).exists()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": identity,
+        "plan": plan,
+        "prompts": prompts,
+        "files": files,
+        "graphs": graphs,
+        "lora": lora,
+        "frozen_param_count": frozen_params,
+        "hyper": hyper,
+        "memory": memory,
+    }
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    store.write_json(Path(folder) / MANIFEST, manifest)
+
+
+def open_bundle(folder: Path, verify: bool = True) -> dict:
+    """The manifest of `folder`, refusing a bundle that is incomplete, of another version or tampered."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise BundleError(f"{folder} is not a bundle (no {MANIFEST}); run `hollow-export build --out {folder}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{path} is not valid JSON ({err}); rebuild the bundle") from err
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{folder} has format {manifest.get('format')} v{manifest.get('format_version')}; this "
+                          f"tool reads {FORMAT} v{FORMAT_VERSION}: rebuild it with this version of hollow-export")
+    if verify:
+        for name, info in manifest["files"].items():
+            file = folder / name
+            if not file.exists():
+                raise BundleError(f"bundle file {name} is missing from {folder}; copy the whole bundle again")
+            if file.stat().st_size != info["bytes"] or store.sha256(file) != info["sha256"]:
+                raise BundleError(f"bundle file {name} fails its sha256 check (corrupted or modified); "
+                                  "copy the bundle again or rebuild it")
+    return manifest

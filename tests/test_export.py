@@ -1,0 +1,207 @@
+"""The bundle against PyTorch: precompute graph, one ORT training step vs torch AdamW, eval loss vs diffusers."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+from hollow_export import bundle as fmt
+from hollow_export import lora
+from hollow_export.anatomy import LoraSpec, make_plan
+from hollow_export.cli import main
+from hollow_export.export import BuildSettings, GroupNormOps, LayerNormOps, Upsample2xOps, build
+from hollow_export.models import load_pipeline
+from hollow_export.split import HollowedNet, PrecomputeNet
+
+from conftest import feed_buffer, mid_pipeline
+
+SETTINGS = BuildSettings(lr=1e-3, weight_decay=1e-2)
+
+
+@pytest.fixture(scope="module", params=["tiny", "mid"])
+def built(request, tmp_path_factory):
+    pipe = load_pipeline(arch="tiny") if request.param == "tiny" else mid_pipeline()
+    plan = make_plan(pipe.unet, depth=3 if request.param == "tiny" else 5, lora=LoraSpec(rank=4, alpha=8.0))
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    manifest = build(pipe, plan, out, "a sks dog", "a dog", SETTINGS, {"source": request.param})
+    fresh = load_pipeline(arch="tiny") if request.param == "tiny" else mid_pipeline()  # untouched by the build
+    return out, manifest, plan, fresh
+
+
+def _inputs(plan, context_dim, seed=0):
+    g = np.random.default_rng(seed)
+    c, h, w = plan.latent_shape
+    return {
+        "sample": g.standard_normal((1, c, h, w)).astype(np.float32),
+        "timestep": np.array([g.integers(0, 1000)], dtype=np.int64),
+        "encoder_hidden_states": g.standard_normal((1, 77, context_dim)).astype(np.float32),
+        "hidden": g.standard_normal((1, *plan.buffer_shape)).astype(np.float32),
+        "target": g.standard_normal((1, c, h, w)).astype(np.float32),
+    }
+
+
+def _torch(inputs, *names):
+    return [torch.from_numpy(inputs[n]) for n in names]
+
+
+def test_precompute_graph_equals_pytorch(built):
+    out, manifest, plan, fresh = built
+    x = _inputs(plan, fresh.unet.config.cross_attention_dim)
+    session = ort.InferenceSession(str(out / fmt.PRECOMPUTE), providers=["CPUExecutionProvider"])
+    (hidden,) = session.run(None, {k: x[k] for k in fmt.PRECOMPUTE_INPUTS})
+    with torch.no_grad():
+        ref = PrecomputeNet(fresh.unet, plan)(*_torch(x, *fmt.PRECOMPUTE_INPUTS)).numpy()
+    assert hidden.shape == ref.shape and np.abs(hidden - ref).max() <= 1e-5
+
+
+def test_vae_encoder_graph_equals_diffusers(built):
+    out, manifest, plan, fresh = built
+    image = np.random.default_rng(1).uniform(-1, 1, (1, 3, plan.resolution, plan.resolution)).astype(np.float32)
+    mean, std = ort.InferenceSession(str(out / fmt.VAE_ENCODER)).run(None, {"image": image})
+    with torch.no_grad():
+        dist = fresh.vae.encode(torch.from_numpy(image)).latent_dist
+    sf = fresh.vae.config.scaling_factor
+    assert np.abs(mean - dist.mean.numpy() * sf).max() <= 1e-5
+    assert np.abs(std - dist.std.numpy() * sf).max() <= 1e-5
+
+
+def test_one_ort_training_step_equals_torch_adamw(built):
+    out, manifest, plan, fresh = built
+    state = CheckpointState.load_checkpoint(str(out / fmt.CHECKPOINT))
+    module = Module(str(out / fmt.TRAINING_MODEL), state, str(out / fmt.EVAL_MODEL))
+    optimizer = Optimizer(str(out / fmt.OPTIMIZER_MODEL), module)
+    optimizer.set_learning_rate(SETTINGS.lr)
+
+    net = lora.inject(HollowedNet(fresh.unet, plan), plan.lora, plan.lora_targets)
+    params = lora.lora_parameters(net)
+    assert sorted(params) == sorted(item["name"] for item in manifest["lora"])
+    g = np.random.default_rng(7)
+    with torch.no_grad():  # same starting point, with non-zero B so every LoRA tensor gets a gradient
+        for name, p in params.items():
+            value = state.parameters[name].data
+            if "lora_B" in name:
+                value = (g.standard_normal(value.shape) * 0.1).astype(np.float32)
+                state.parameters[name] = value
+            p.copy_(torch.from_numpy(value))
+    reference = torch.optim.AdamW(list(params.values()), lr=SETTINGS.lr, betas=SETTINGS.betas, eps=SETTINGS.eps,
+                                  weight_decay=SETTINGS.weight_decay)
+    x = _inputs(plan, fresh.unet.config.cross_attention_dim, seed=3)
+
+    module.train()
+    ort_loss = float(module(*[x[k] for k in fmt.TRAIN_INPUTS]))
+    optimizer.step()
+    module.lazy_reset_grad()
+    torch_loss = net(*_torch(x, *fmt.TRAIN_INPUTS))
+    torch_loss.backward()
+    reference.step()
+
+    assert abs(ort_loss - torch_loss.item()) <= 1e-5 * abs(torch_loss.item())
+    compared = 0
+    for name, p in params.items():
+        grad = p.grad.abs().numpy()
+        # Adam divides by |g| + eps: where |g| nears eps, fp32 rounding in the gradient dominates the step
+        mask = grad > max(1e-3 * grad.max(), 1e-6)
+        diff = np.abs(state.parameters[name].data - p.detach().numpy())
+        assert diff[mask].max(initial=0.0) <= 1e-5, name
+        compared += int(mask.sum())
+    assert compared > 0.5 * sum(p.numel() for p in params.values())
+
+
+def test_ort_eval_loss_equals_full_unet_diffusers_loss(built):
+    out, manifest, plan, fresh = built
+    state = CheckpointState.load_checkpoint(str(out / fmt.CHECKPOINT))
+    module = Module(str(out / fmt.TRAINING_MODEL), state, str(out / fmt.EVAL_MODEL))
+    g = np.random.default_rng(11)
+    for item in manifest["lora"]:  # parameters are set after the Module exists (setting them before crashes ORT)
+        if "lora_B" in item["name"]:
+            state.parameters[item["name"]] = (g.standard_normal(item["shape"]) * 0.1).astype(np.float32)
+    module.eval()
+    x = _inputs(plan, fresh.unet.config.cross_attention_dim, seed=5)
+    ort_loss = float(module(*[x[k] for k in fmt.TRAIN_INPUTS]))
+
+    lora_state = {item["unet_name"]: torch.from_numpy(state.parameters[item["name"]].data) for item in manifest["lora"]}
+    unet = fresh.unet
+    lora.load_into(unet, lora_state, plan.lora)  # into the full U-Net, by name
+    handle = feed_buffer(unet, plan, torch.from_numpy(x["hidden"]))
+    with torch.no_grad():
+        pred = unet(*_torch(x, "sample", "timestep", "encoder_hidden_states")).sample  # plain diffusers forward
+        without_lora_loss = None
+        with lora.adapters_disabled(unet):
+            without_lora_loss = torch.nn.functional.mse_loss(
+                unet(*_torch(x, "sample", "timestep", "encoder_hidden_states")).sample,
+                torch.from_numpy(x["target"])).item()
+    handle.remove()
+    unet.delete_adapters(lora.ADAPTER)
+    ref = torch.nn.functional.mse_loss(pred, torch.from_numpy(x["target"])).item()
+    assert abs(ort_loss - ref) <= 1e-5 * ref
+    assert abs(without_lora_loss - ref) > 1e-4 * ref  # the LoRA matters, so the comparison can fail
+
+
+def test_manifest_describes_every_file_and_graph(built):
+    out, manifest, plan, fresh = built
+    files = {p.name for p in out.iterdir()} - {fmt.MANIFEST}
+    assert set(manifest["files"]) == files
+    assert {fmt.VAE_ENCODER, fmt.PRECOMPUTE, fmt.TRAINING_MODEL, fmt.EVAL_MODEL, fmt.OPTIMIZER_MODEL,
+            fmt.CHECKPOINT, fmt.PROMPTS, fmt.SCHEDULE} <= files
+    train_inputs = [i["name"] for i in manifest["graphs"][fmt.TRAINING_MODEL]["inputs"]]
+    assert train_inputs == list(fmt.TRAIN_INPUTS)
+    assert manifest["graphs"][fmt.PRECOMPUTE]["outputs"][0]["shape"][1:] == plan.buffer_shape
+    assert all(item["unet_name"].endswith((".lora_A.weight", ".lora_B.weight")) for item in manifest["lora"])
+    assert sum(np.prod(item["shape"]) for item in manifest["lora"]) == plan.lora_params
+    import onnx
+    optim = onnx.load(str(out / fmt.OPTIMIZER_MODEL))
+    modes = [a.i for n in optim.graph.node if n.op_type == "AdamWOptimizer" for a in n.attribute
+             if a.name == "adam_mode"]
+    assert modes == [0]
+    assert max(onnx.load(str(out / f), load_external_data=False).ir_version
+               for f in (fmt.TRAINING_MODEL, fmt.EVAL_MODEL, fmt.OPTIMIZER_MODEL)) <= 10
+
+
+def test_tampered_bundle_is_refused_naming_the_file(built, tmp_path):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    assert fmt.open_bundle(out)["format_version"] == fmt.FORMAT_VERSION
+    data = bytearray((out / fmt.PRECOMPUTE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / fmt.PRECOMPUTE).write_bytes(bytes(data))
+    with pytest.raises(fmt.BundleError, match="precompute.onnx fails its sha256"):
+        fmt.open_bundle(out)
+    (out / fmt.CHECKPOINT).unlink()
+    with pytest.raises(fmt.BundleError, match="checkpoint"):
+        fmt.open_bundle(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ort_rewrites_equal_the_modules_they_replace(dtype):
+    from diffusers.models.upsampling import Upsample2D
+    torch.manual_seed(0)
+    cases = [
+        (torch.nn.GroupNorm(4, 16, eps=1e-5), GroupNormOps, (2, 16, 6, 6)),
+        (torch.nn.GroupNorm(8, 16, eps=1e-6, affine=True), GroupNormOps, (1, 16, 3, 5)),
+        (torch.nn.LayerNorm(24), LayerNormOps, (2, 7, 24)),
+        (Upsample2D(16, use_conv=True, out_channels=8), Upsample2xOps, (2, 16, 4, 5)),
+    ]
+    for original, twin_cls, shape in cases:
+        original = original.to(dtype)
+        with torch.no_grad():
+            for p in original.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        twin = twin_cls(original)
+        x1 = (torch.randn(shape, dtype=dtype) * 2 + 0.5).requires_grad_()
+        x2 = x1.detach().clone().requires_grad_()
+        y1, y2 = original(x1), twin(x2)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert (y1 - y2).abs().max().item() <= tol
+        g = torch.randn_like(y1)
+        (y1 * g).sum().backward()
+        (y2 * g).sum().backward()
+        assert (x1.grad - x2.grad).abs().max().item() <= tol * 10
+
+
+def test_cli_build_refuses_bad_options_and_writes_nothing(tmp_path):
+    res = CliRunner().invoke(main, ["build", "--arch", "tiny", "--fraction", "2", "--out", str(tmp_path / "b")])
+    assert res.exit_code != 0 and "between 0 and 1" in res.output
+    assert not (tmp_path / "b").exists()
