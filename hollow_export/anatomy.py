@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .errors import HollowError
+
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 SUPPORTED_MID = ("UNetMidBlock2DCrossAttn",)
@@ -29,7 +31,7 @@ TARGET_PRESETS = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(HollowError, ValueError):
     """A depth, fraction, resolution or U-Net variant the plan cannot serve (message names the fix)."""
 
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from . import store
+from .errors import HollowError
 
 FORMAT = "hollow-export-bundle"
 FORMAT_VERSION = 1
@@ -29,7 +30,7 @@ PRECOMPUTE_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 TRAIN_INPUTS = ("sample", "timestep", "encoder_hidden_states", "hidden", "target")
 
 
-class BundleError(Exception):
+class BundleError(HollowError):
     """A bundle that is incomplete, of another version or fails a hash (message names the file and fix)."""
 
 

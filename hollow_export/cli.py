@@ -8,17 +8,8 @@ from pathlib import Path
 
 import click
 
-from .anatomy import TARGET_PRESETS, LoraSpec, PlanError
-
-
-def _known_errors():
-    from .generate import GenerateError
-    from .lora import LoraError
-    from .models import ModelError
-    from .personalize import DataError
-    from .store import StoreError
-    from .bundle import BundleError
-    return (PlanError, ModelError, DataError, LoraError, StoreError, GenerateError, BundleError)
+from .anatomy import TARGET_PRESETS, LoraSpec
+from .errors import HollowError
 
 
 class Group(click.Group):
@@ -27,7 +18,7 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except _known_errors() as err:
+        except HollowError as err:
             raise click.ClickException(str(err)) from err
 
 

@@ -45,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 from . import store
+from .errors import HollowError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DINO_MODEL_TYPES = ("vit", "dinov2")
@@ -53,7 +54,7 @@ DEFAULT_BATCH_SIZE = 16
 PROTOCOL = "DreamBooth (Ruiz et al. 2023): DINO/CLIP-I mean over all generated x reference pairs; CLIP-T mean over generated images"
 
 
-class EvaluateError(ValueError):
+class EvaluateError(HollowError, ValueError):
     """Images, prompts or model folders the evaluator cannot use (message names the problem and the fix)."""
 
 

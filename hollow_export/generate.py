@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .anatomy import HollowPlan
+from .errors import HollowError
 from .lora import LORA_FILE, adapters_disabled
 from .personalize import encode_prompt
 from .split import HollowedNet, PrecomputeNet, unet_forward
@@ -30,7 +31,7 @@ from .split import HollowedNet, PrecomputeNet, unet_forward
 INFERENCE_PATHS = ("dual", "single")
 
 
-class GenerateError(ValueError):
+class GenerateError(HollowError, ValueError):
     """A LoRA folder or option the generator cannot use (message names the fix)."""
 
 

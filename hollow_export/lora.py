@@ -21,13 +21,14 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from . import store
+from .errors import HollowError
 from .anatomy import LoraSpec
 
 ADAPTER = "default"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-class LoraError(ValueError):
+class LoraError(HollowError, ValueError):
     """A LoRA state that does not fit the model it is loaded into (message names the mismatch)."""
 
 

@@ -25,12 +25,14 @@ from pathlib import Path
 
 import torch
 
+from .errors import HollowError
+
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 ARCHS = ("tiny", "sd15", "sd21")
 SEED = 0
 
 
-class ModelError(Exception):
+class ModelError(HollowError):
     """A model folder or architecture name the tool cannot use (message names the fix)."""
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from . import lora as lora_mod
 from . import store
+from .errors import HollowError
 from .anatomy import HollowPlan
 from .split import HollowedNet, PrecomputeNet
 
@@ -34,7 +35,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_IMAGES = 1
 
 
-class DataError(ValueError):
+class DataError(HollowError, ValueError):
     """Photos the trainer cannot use (message names the file and the fix)."""
 
 

@@ -17,8 +17,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import HollowError
 
-class StoreError(Exception):
+
+class StoreError(HollowError):
     """A file that is missing, truncated or fails its hash (message names the file and the fix)."""
 
 
