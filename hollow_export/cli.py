@@ -160,6 +160,63 @@ def build(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution
                f"built in {manifest['build_seconds']} s")
 
 
+@main.group()
+def device():
+    """What the phone does, run here with ONNX Runtime alone: collect, train, export."""
+
+
+@device.command("collect")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder from `build`.")
+@click.option("--images", required=True, type=click.Path(), help="Folder with 3-10 photos of the subject.")
+@click.option("--buffer", "buffer_path", default="runs/buffer.bin", show_default=True, type=click.Path())
+@click.option("--samples", type=int, default=None, help="Samples to buffer (default: the bundle's, 200).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fp16", is_flag=True, help="Store noise and hidden states in float16 (half the buffer).")
+def device_collect(bundle_dir, images, buffer_path, samples, seed, fp16):
+    """Encode the photos, draw noise and timesteps, buffer the precompute graph's hidden states."""
+    from .bundle import open_bundle
+    from .runtime import collect
+    samples = samples or open_bundle(bundle_dir, verify=False)["hyper"]["samples"]
+    header = collect(Path(bundle_dir), Path(images), Path(buffer_path), samples, seed,
+                     "float16" if fp16 else "float32")
+    click.echo(f"buffer {buffer_path}: {header.capacity} samples, {header.record_bytes} bytes each ({header.dtype})")
+
+
+@device.command("train")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path())
+@click.option("--buffer", "buffer_path", default="runs/buffer.bin", show_default=True, type=click.Path())
+@click.option("--run", "run_dir", default="runs/train", show_default=True, type=click.Path(),
+              help="Folder for checkpoints and progress.json; run again to resume.")
+@click.option("--steps", type=int, default=None, help="Total steps (default: the bundle's, 1000).")
+@click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this long.")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--lr", type=float, default=None, help="Override the bundle's learning rate.")
+def device_train(bundle_dir, buffer_path, run_dir, steps, max_minutes, checkpoint_every, lr):
+    """Train LoRA over the buffer with ORT's training API; resumable after any interruption."""
+    from .bundle import open_bundle
+    from .runtime import TrainConfig, train
+    steps = steps or open_bundle(bundle_dir, verify=False)["hyper"]["steps"]
+    progress = train(Path(bundle_dir), Path(buffer_path), Path(run_dir),
+                     TrainConfig(steps=steps, checkpoint_every=checkpoint_every, max_minutes=max_minutes, lr=lr))
+    losses = progress["losses"]
+    head = sum(losses[:10]) / max(len(losses[:10]), 1)
+    tail = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    state = "finished" if progress["finished"] else "paused (run again to resume)"
+    click.echo(f"{state} at step {progress['step']}: mean loss first 10 {head:.5f}, last 10 {tail:.5f}; "
+               f"peak RSS {progress['peak_rss_bytes'] / 2**20:.0f} MiB; checkpoint {progress['checkpoint']}")
+
+
+@device.command("export")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path())
+@click.option("--checkpoint", required=True, type=click.Path(), help="A checkpoint file, or the --run folder.")
+@click.option("--out", default="runs/lora", show_default=True, type=click.Path())
+def device_export(bundle_dir, checkpoint, out):
+    """Write the trained LoRA (tensors only, full-U-Net names, with its hash): what the phone sends back."""
+    from .runtime import export_lora
+    record = export_lora(Path(bundle_dir), Path(checkpoint), Path(out))
+    click.echo(f"wrote {Path(out) / record['file']} ({record['tensors']} tensors, sha256 {record['sha256'][:16]}...)")
+
+
 @main.command("demo-photos")
 @click.option("--out", type=click.Path(), default="runs/photos", show_default=True)
 @click.option("--count", type=int, default=5, show_default=True)

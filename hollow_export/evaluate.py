@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from . import store
 from .errors import HollowError
+from .photos import SUFFIXES as IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DINO_MODEL_TYPES = ("vit", "dinov2")
 CLIP_MODEL_TYPES = ("clip",)
 DEFAULT_BATCH_SIZE = 16

@@ -270,9 +270,9 @@ def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt:
     bar = tqdm(total=len(stages), desc="build", unit="stage")
 
     def stage(i):
-        bar.set_postfix_str(stages[i])
         if i:
             bar.update(1)
+        bar.set_postfix_str(stages[i])
     unet, vae = pipe.unet, pipe.vae
     context_dim = unet.config.cross_attention_dim
     c, h, w = plan.latent_shape

@@ -29,14 +29,13 @@ from . import lora as lora_mod
 from . import store
 from .errors import HollowError
 from .anatomy import HollowPlan
+from .photos import load_photos
 from .split import HollowedNet, PrecomputeNet
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MIN_IMAGES = 1
 
 
 class DataError(HollowError, ValueError):
-    """Photos the trainer cannot use (message names the file and the fix)."""
+    """Training data the trainer cannot use (message names the problem and the fix)."""
 
 
 @dataclass
@@ -54,32 +53,9 @@ class TrainSettings:
     eval_samples: int = 8  # fixed batch on which the loss is reported before and after training
 
 
-def image_files(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"--images {folder} is not a folder; pass the folder holding your photos")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) < MIN_IMAGES:
-        raise DataError(f"no photos ({', '.join(IMAGE_SUFFIXES)}) in {folder}; add 3-10 photos of the subject")
-    return files
-
-
 def load_images(folder: Path, resolution: int) -> torch.Tensor:
     """Photos centre-cropped, resized to `resolution`, as a [N, 3, H, W] tensor in [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path in image_files(folder):
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"{path} is not a readable image ({err}); remove it or replace it") from err
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-        images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-    return torch.stack(images)
+    return torch.from_numpy(load_photos(folder, resolution))
 
 
 @torch.no_grad()

@@ -84,3 +84,24 @@ def mid_pipeline():
     return StableDiffusionPipeline(vae=tiny.vae, text_encoder=text, tokenizer=tiny.tokenizer, unet=unet,
                                    scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory):
+    """A rank-4 bundle of the tiny default at depth 3, built once per test session."""
+    from hollow_export.anatomy import LoraSpec, make_plan
+    from hollow_export.export import BuildSettings, build
+    from hollow_export.models import load_pipeline
+    pipe = load_pipeline(arch="tiny")
+    plan = make_plan(pipe.unet, depth=3, lora=LoraSpec(rank=4))
+    out = tmp_path_factory.mktemp("small") / "bundle"
+    build(pipe, plan, out, "a sks ball", "a ball", BuildSettings(lr=2e-3, samples=12, steps=24), {"source": "tiny"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory):
+    from hollow_export.demo import subject_photos
+    folder = tmp_path_factory.mktemp("photos")
+    subject_photos(folder, 3, size=160)
+    return folder

@@ -1,0 +1,269 @@
+"""The device runtime, ORT alone: collect -> train -> export, resume after SIGKILL, clear errors."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hollow_export import bundle as fmt
+from hollow_export import lora, runtime
+from hollow_export.anatomy import HollowPlan
+from hollow_export.cli import main
+from hollow_export.models import load_pipeline
+
+from conftest import feed_buffer
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def collected(small_bundle, photo_dir, tmp_path_factory):
+    buffer = tmp_path_factory.mktemp("buf") / "buffer.bin"
+    runtime.collect(small_bundle, photo_dir, buffer, samples=12, seed=3, progress=False)
+    return buffer
+
+
+@pytest.fixture(scope="module")
+def trained(small_bundle, collected, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "run"
+    progress = runtime.train(small_bundle, collected, run, runtime.TrainConfig(steps=STEPS, checkpoint_every=8,
+                                                                               progress=False))
+    out = tmp_path_factory.mktemp("lora")
+    runtime.export_lora(small_bundle, run, out)
+    return run, progress, out
+
+
+def test_random_streams_are_the_documented_splitmix64():
+    # reference values computed by the SplitMix64 definition in PROTOCOL.md with python ints
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        return z ^ (z >> 31)
+    g = 0x9E3779B97F4A7C15
+    key = mix((mix((7 + 2 * g) % 2**64) + 5 * g) % 2**64)
+    expected = [mix((key + (j + 1) * g) % 2**64) for j in range(6)]
+    assert runtime.stream_key(7, 2, 5) == key
+    assert [int(v) for v in runtime.random_u64(key, 6)] == expected
+    z = runtime.random_normal(key, 20000).astype(np.float64)
+    assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
+    order = runtime.epoch_order(1, 0, 50)
+    assert sorted(order) == list(range(50)) and order != list(range(50))
+    assert order == runtime.epoch_order(1, 0, 50) and order != runtime.epoch_order(1, 1, 50)
+
+
+def test_buffer_records_match_the_precompute_graph(small_bundle, collected):
+    """Each buffered hidden state is what precompute.onnx gives for the stored recipe (independent session)."""
+    import onnxruntime as ort
+    manifest = fmt.open_bundle(small_bundle)
+    reader = runtime.BufferReader(collected, runtime.bundle_id(small_bundle))
+    session = ort.InferenceSession(str(small_bundle / fmt.PRECOMPUTE))
+    acp = pipe_acp()
+    klass = runtime._prompts(small_bundle)["class"]
+    assert len(reader) == 12
+    for i in (0, 5, 11):
+        r = reader[i]
+        a = np.float64(acp[r["timestep"]])
+        noisy = (np.sqrt(a) * r["latent"] + np.sqrt(1 - a) * r["noise"]).astype(np.float32)
+        (hidden,) = session.run(None, {"sample": noisy[None], "timestep": np.array([r["timestep"]]),
+                                       "encoder_hidden_states": klass})
+        assert np.abs(hidden[0] - r["hidden"]).max() <= 1e-4
+        assert list(r["hidden"].shape) == manifest["plan"]["buffer_shape"]
+    reader.close()
+
+
+def pipe_acp():
+    return load_pipeline(arch="tiny").scheduler.alphas_cumprod.numpy()
+
+
+def test_trained_lora_transfers_to_full_unet_and_loss_falls(small_bundle, collected, trained):
+    run, progress, out = trained
+    losses = progress["losses"]
+    assert len(losses) == STEPS and progress["finished"]
+    assert np.mean(losses[-6:]) < np.mean(losses[:6])
+    record = json.loads((out / runtime.LORA_RECORD).read_text())
+    from hollow_export.store import load_tensors
+    state = load_tensors(out / runtime.LORA_EXPORT, record["sha256"])
+
+    manifest = fmt.open_bundle(small_bundle)
+    plan = HollowPlan.from_json(manifest["plan"])
+    pipe = load_pipeline(arch="tiny")
+    lora.load_into(pipe.unet, state, plan.lora)
+    reader = runtime.BufferReader(collected, runtime.bundle_id(small_bundle))
+    instance = torch.from_numpy(runtime._prompts(small_bundle)["instance"])
+    acp = runtime._alphas_cumprod(small_bundle)
+
+    from onnxruntime.training.api import CheckpointState, Module
+    ckpt = CheckpointState.load_checkpoint(str(run / progress["checkpoint"]))
+    module = Module(str(small_bundle / fmt.TRAINING_MODEL), ckpt, str(small_bundle / fmt.EVAL_MODEL))
+    module.eval()
+    for i in range(0, 12, 4):
+        r = reader[i]
+        noisy, target = runtime.noisy_and_target(acp, r, "epsilon")
+        t = np.array([r["timestep"]], dtype=np.int64)
+        ort_loss = float(module(noisy[None], t, instance.numpy(), r["hidden"][None], target[None]))
+        handle = feed_buffer(pipe.unet, plan, torch.from_numpy(r["hidden"][None]))
+        with torch.no_grad():
+            pred = pipe.unet(torch.from_numpy(noisy[None]), torch.from_numpy(t), instance).sample
+        handle.remove()
+        host_loss = torch.nn.functional.mse_loss(pred, torch.from_numpy(target[None])).item()
+        assert abs(ort_loss - host_loss) <= 1e-5 * host_loss
+    reader.close()
+
+
+RUNNER = textwrap.dedent("""
+    import sys
+    for name in ('torch', 'diffusers', 'transformers', 'peft'):
+        sys.modules[name] = None  # any import of these now raises ImportError
+    from hollow_export.cli import main
+    main()
+""")
+
+
+def _device_cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-c", RUNNER, "device", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_runtime_runs_without_torch_and_resumes_after_sigkill(small_bundle, collected, trained, tmp_path):
+    """Killed at random moments, every resumed run completes and ends with the uninterrupted LoRA."""
+    reference = json.loads((trained[2] / runtime.LORA_RECORD).read_text())
+    from hollow_export.store import load_tensors
+    expected = load_tensors(trained[2] / runtime.LORA_EXPORT)
+    run = tmp_path / "run"
+    rng = random.Random(4)
+    args = ["train", "--bundle", small_bundle, "--buffer", collected, "--run", run, "--steps", STEPS,
+            "--checkpoint-every", 4]
+    kills = 0
+    for attempt in range(8):
+        proc = _device_cli(*args)
+        if kills < 3:
+            time.sleep(rng.uniform(3.0, 6.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        output = proc.communicate(timeout=300)[0]
+        if proc.returncode == 0 and "finished at step" in output:
+            break
+        assert proc.returncode in (0, -signal.SIGKILL), output
+    else:
+        pytest.fail("training never finished")
+    assert kills >= 1
+    proc = _device_cli("export", "--bundle", small_bundle, "--checkpoint", run, "--out", tmp_path / "lora")
+    assert proc.wait(timeout=120) == 0, proc.stdout.read()
+    got = load_tensors(tmp_path / "lora" / runtime.LORA_EXPORT)
+    assert got.keys() == expected.keys()
+    worst = max((got[k] - expected[k]).abs().max().item() for k in got)
+    assert worst <= 1e-6, worst
+    assert json.loads((tmp_path / "lora" / runtime.LORA_RECORD).read_text())["tensors"] == reference["tensors"]
+
+
+def test_broken_buffers_are_refused_with_the_fix(small_bundle, collected, tmp_path):
+    def train(buffer):
+        return CliRunner().invoke(main, ["device", "train", "--bundle", str(small_bundle), "--buffer", str(buffer),
+                                         "--run", str(tmp_path / "r"), "--steps", "2"])
+    truncated = tmp_path / "truncated.bin"
+    data = collected.read_bytes()
+    truncated.write_bytes(data[: len(data) - 5000])
+    res = train(truncated)
+    assert res.exit_code != 0 and "holds 11 of 12 samples" in res.output and "collect` again" in res.output
+    corrupted = tmp_path / "corrupted.bin"
+    data = bytearray(data)
+    data[-3000] ^= 0x55
+    corrupted.write_bytes(bytes(data))
+    res = train(corrupted)
+    assert res.exit_code != 0 and "corrupted (checksum mismatch)" in res.output
+    res = train(tmp_path / "missing.bin")
+    assert res.exit_code != 0 and "collect` first" in res.output
+    (tmp_path / "junk.bin").write_bytes(b"hello world, not a buffer at all")
+    res = train(tmp_path / "junk.bin")
+    assert res.exit_code != 0 and "not a hollow-export buffer" in res.output
+
+
+def test_buffer_from_another_bundle_and_tampered_bundle(small_bundle, collected, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(small_bundle, other)
+    manifest = json.loads((other / fmt.MANIFEST).read_text())
+    manifest["prompts"]["instance"] = "a zwx ball"  # a different bundle: its manifest differs
+    (other / fmt.MANIFEST).write_text(json.dumps(manifest))
+    res = CliRunner().invoke(main, ["device", "train", "--bundle", str(other), "--buffer", str(collected), "--run",
+                                    str(tmp_path / "r"), "--steps", "2"])
+    assert res.exit_code != 0 and "collected for another bundle" in res.output
+    data = bytearray((other / fmt.TRAINING_MODEL).read_bytes())
+    data[100] ^= 1
+    (other / fmt.TRAINING_MODEL).write_bytes(bytes(data))
+    res = CliRunner().invoke(main, ["device", "train", "--bundle", str(other), "--buffer", str(collected), "--run",
+                                    str(tmp_path / "r"), "--steps", "2"])
+    assert res.exit_code != 0 and "training_model.onnx fails its sha256" in res.output
+
+
+def test_bad_photos(small_bundle, tmp_path, photo_dir):
+    few = tmp_path / "few"
+    few.mkdir()
+    shutil.copy(next(photo_dir.iterdir()), few)
+    res = CliRunner().invoke(main, ["device", "collect", "--bundle", str(small_bundle), "--images", str(few),
+                                    "--buffer", str(tmp_path / "b.bin"), "--samples", "2"])
+    assert res.exit_code != 0 and "need at least 3" in res.output
+    bad = tmp_path / "bad"
+    shutil.copytree(photo_dir, bad)
+    (bad / "zz.jpg").write_text("not a jpeg")
+    res = CliRunner().invoke(main, ["device", "collect", "--bundle", str(small_bundle), "--images", str(bad),
+                                    "--buffer", str(tmp_path / "b.bin"), "--samples", "2"])
+    assert res.exit_code != 0 and "zz.jpg is not a readable image" in res.output
+
+
+DISK_FULL = textwrap.dedent("""
+    import resource, signal, sys
+    from pathlib import Path
+    from hollow_export import runtime
+    from hollow_export.errors import HollowError
+    bundle, buffer, run, limit = sys.argv[1:5]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
+    try:
+        runtime.train(Path(bundle), Path(buffer), Path(run), runtime.TrainConfig(steps=8, checkpoint_every=4,
+                                                                                 progress=False))
+    except HollowError as err:
+        print("ERROR:", err)
+        sys.exit(1)
+""")
+
+
+def test_full_disk_keeps_earlier_checkpoints(small_bundle, collected, tmp_path):
+    run = tmp_path / "run"
+    runtime.train(small_bundle, collected, run, runtime.TrainConfig(steps=4, checkpoint_every=4, progress=False))
+    before = runtime.read_progress(run)
+    size = (run / before["checkpoint"]).stat().st_size
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL, str(small_bundle), str(collected), str(run),
+                           str(size // 2)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "free disk space" in proc.stdout
+    after = runtime.read_progress(run)
+    assert after["checkpoint"] == before["checkpoint"] and (run / after["checkpoint"]).exists()
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    resumed = runtime.train(small_bundle, collected, run, runtime.TrainConfig(steps=8, checkpoint_every=4,
+                                                                              progress=False))
+    assert resumed["finished"] and resumed["step"] == 8
+
+
+def test_fp16_buffer_effect_on_training_loss(small_bundle, photo_dir, collected, trained, tmp_path):
+    """fp16 storage halves noise/hidden bytes; the loss curve stays within 2% of the fp32 one."""
+    half = tmp_path / "half.bin"
+    header = runtime.collect(small_bundle, photo_dir, half, samples=12, seed=3, dtype="float16", progress=False)
+    full_header, _ = runtime.read_header(collected)
+    assert header.record_bytes < full_header.record_bytes
+    progress = runtime.train(small_bundle, half, tmp_path / "run16", runtime.TrainConfig(steps=STEPS,
+                             checkpoint_every=STEPS, progress=False))
+    fp32, fp16 = np.array(trained[1]["losses"]), np.array(progress["losses"])
+    rel = np.abs(fp16 - fp32).max() / fp32.mean()
+    print(f"fp16 buffer: max per-step loss difference {rel:.2e} of the mean fp32 loss")
+    assert rel < 0.02
