@@ -187,33 +187,24 @@ def _lift_frozen_to_inputs(model: onnx.ModelProto, frozen: set[str]) -> list[str
     return lifted
 
 
-def export_training_graph(net: HollowedNet, plan: HollowPlan, path: Path, context_dim: int) -> tuple[list, list]:
-    """The hollowed net with LoRA and loss, frozen weights as named inputs, as ONNX (TRAINING mode).
+def export_training_graph(net: nn.Module, args: tuple, input_names: list[str], path: Path) -> tuple[list, list]:
+    """`net` (LoRA injected, returning the loss) as ONNX in TRAINING mode, frozen weights as named inputs.
 
     Returns (trainable names, frozen names) as they appear in the graph.
     """
-    c, h, w = plan.latent_shape
-    args = (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.int64), torch.zeros(1, plan.encoder_shape[0],
-            context_dim), torch.zeros(1, *plan.buffer_shape), torch.zeros(1, c, h, w))
-    # Export with weights stored outside the proto: the proto stays small at any model size.
-    tmp = path.with_name("export_tmp")
-    tmp.mkdir(exist_ok=True)
-    raw = tmp / "hollowed.onnx"
-    torch.onnx.export(net, args, str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=False,
-                      training=torch.onnx.TrainingMode.TRAINING, input_names=list(fmt.TRAIN_INPUTS),
-                      output_names=["loss"], export_params=True, keep_initializers_as_inputs=False)
-    model = onnx.load(str(raw), load_external_data=False)
-    names = {n for n, _ in net.named_parameters()}
-    trainable = [i.name for i in model.graph.initializer if ".lora_" in i.name]
-    frozen_in_graph = {i.name for i in model.graph.initializer if i.name in names and ".lora_" not in i.name}
-    lifted = _lift_frozen_to_inputs(model, frozen_in_graph)
-    # Remaining initializers are small constants the exporter made; load their data back in.
-    onnx.load_external_data_for_model(model, str(tmp))
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        raw = Path(scratch) / "graph.onnx"  # weights land beside it when over 2 GB: the proto stays small
+        torch.onnx.export(net, args, str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.TRAINING, input_names=input_names,
+                          output_names=["loss"], export_params=True, keep_initializers_as_inputs=False)
+        model = onnx.load(str(raw), load_external_data=False)
+        names = {n for n, _ in net.named_parameters()}
+        trainable = [i.name for i in model.graph.initializer if ".lora_" in i.name]
+        frozen_in_graph = {i.name for i in model.graph.initializer if i.name in names and ".lora_" not in i.name}
+        frozen = _lift_frozen_to_inputs(model, frozen_in_graph)
+        onnx.load_external_data_for_model(model, scratch)  # what is left: LoRA and the exporter's constants
     onnx.save(model, str(path))
-    return trainable, lifted
+    return trainable, frozen
 
 
 def generate_training_artifacts(graph_path: Path, trainable: list[str], out: Path, settings: BuildSettings) -> None:
@@ -253,6 +244,45 @@ def write_checkpoint(net: nn.Module, trainable: list[str], frozen: list[str], pa
     save_checkpoint([proto(n) for n in trainable], [proto(n) for n in frozen], str(path), False)
 
 
+def training_artifacts(net: nn.Module, args: tuple, input_names: list[str], out: Path,
+                       settings: BuildSettings) -> tuple[list, list]:
+    """training/eval/optimizer models and checkpoint of `net` into `out`; returns (trainable, frozen) names."""
+    ort_friendly(net)
+    graph = out / "graph_for_artifacts.onnx"
+    with torch.enable_grad():
+        trainable, frozen = export_training_graph(net, args, input_names, graph)
+    generate_training_artifacts(graph, trainable, out, settings)
+    graph.unlink()
+    gc.collect()
+    write_checkpoint(net, trainable, frozen, out / fmt.CHECKPOINT)
+    return trainable, frozen
+
+
+class UNetLoss(nn.Module):
+    """The full U-Net with its loss: the plain-LoRA baseline's training graph (for benchmarks)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, target):
+        prediction = self.unet(sample, timestep, encoder_hidden_states).sample
+        return torch.nn.functional.mse_loss(prediction, target)
+
+
+def plain_lora_artifacts(unet, plan: HollowPlan, out: Path, settings: BuildSettings) -> tuple[list, list]:
+    """ORT training artifacts of plain LoRA on the full U-Net, same rank/targets/resolution as `plan`."""
+    from .anatomy import select_lora_targets
+
+    lora_mod.inject(unet, plan.lora, select_lora_targets(unet, plan.lora), seed=settings.seed)
+    c, h, w = plan.latent_shape
+    args = (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.int64),
+            torch.zeros(1, *plan.encoder_shape), torch.zeros(1, c, h, w))
+    out.mkdir(parents=True, exist_ok=True)
+    return training_artifacts(UNetLoss(unet), args, ["sample", "timestep", "encoder_hidden_states", "target"],
+                              out, settings)
+
+
 # ---------------------------------------------------------------- build
 
 def lora_names(trainable: list[str]) -> list[dict]:
@@ -265,8 +295,7 @@ def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt:
           settings: BuildSettings, identity: dict) -> dict:
     """Write the bundle for `plan` into `out` (atomically); return the manifest."""
     started = time.time()
-    stages = ["prompts + schedule", "vae_encoder.onnx", "precompute.onnx", "training graph",
-              "training artifacts", "checkpoint", "manifest"]
+    stages = ["prompts + schedule", "vae_encoder.onnx", "precompute.onnx", "training artifacts", "manifest"]
     bar = tqdm(total=len(stages), desc="build", unit="stage")
 
     def stage(i):
@@ -294,16 +323,10 @@ def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt:
                          {k: {0: "batch"} for k in (*fmt.PRECOMPUTE_INPUTS, "hidden")})
         stage(3)
         net = lora_mod.inject(HollowedNet(unet, plan), plan.lora, plan.lora_targets, seed=settings.seed)
-        ort_friendly(net)
-        with torch.enable_grad():
-            trainable, frozen = export_training_graph(net, plan, tmp / "hollowed_graph.onnx", context_dim)
+        args = (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.int64), torch.zeros(1, *plan.encoder_shape),
+                torch.zeros(1, *plan.buffer_shape), torch.zeros(1, c, h, w))
+        trainable, frozen = training_artifacts(net, args, list(fmt.TRAIN_INPUTS), tmp, settings)
         stage(4)
-        generate_training_artifacts(tmp / "hollowed_graph.onnx", trainable, tmp, settings)
-        (tmp / "hollowed_graph.onnx").unlink()
-        gc.collect()
-        stage(5)
-        write_checkpoint(net, trainable, frozen, tmp / fmt.CHECKPOINT)
-        stage(6)
         params = dict(net.named_parameters())
         manifest = fmt.make_manifest(
             folder=tmp,
