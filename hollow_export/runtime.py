@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import resource
+import shutil
 import struct
 import time
 import zlib
@@ -221,6 +222,7 @@ def training_api():
         package = types.ModuleType("onnxruntime.training")
         package.__path__ = [os.path.join(os.path.dirname(onnxruntime.__file__), "training")]
         sys.modules["onnxruntime.training"] = package
+    onnxruntime.set_default_logger_severity(3)  # session creation warns about every unused constant
     return importlib.import_module("onnxruntime.training.api")
 
 
@@ -358,18 +360,38 @@ def read_progress(run: Path) -> dict | None:
         raise RuntimeFault(f"{path} is damaged; delete the run folder to start over") from err
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def _save(state, run: Path, step: int, progress: dict) -> None:
-    """Checkpoint (with optimizer state) then progress.json, each atomically; keep the last two."""
+    """Checkpoint (with optimizer state) then progress.json; keep the last two checkpoints.
+
+    ORT writes weights over 2 GB to `<checkpoint>.data` and finds them by that name on load, so the
+    checkpoint is written under its final name in a scratch folder, then moved in (data file first).
+    `progress.json`, replaced atomically last, is what makes the new checkpoint the current one.
+    """
     name = _checkpoint_name(step)
+    scratch = run / f".saving-{name}"
+    shutil.rmtree(scratch, ignore_errors=True)
     try:
-        with store.atomic_path(run / name) as tmp:
-            training_api().CheckpointState.save_checkpoint(state, str(tmp), include_optimizer_state=True)
-        progress = dict(progress, step=step, checkpoint=name, sha256=store.sha256(run / name))
+        scratch.mkdir()
+        training_api().CheckpointState.save_checkpoint(state, str(scratch / name), include_optimizer_state=True)
+        data = scratch / (name + ".data")
+        for f in (data, scratch / name):
+            if f.exists():
+                _fsync(f)
+                os.replace(f, run / f.name)
+        progress = dict(progress, step=step, checkpoint=name, sha256=store.sha256(run / name),
+                        data_sha256=store.sha256(run / data.name) if (run / data.name).exists() else None)
         store.write_json(run / PROGRESS, progress)
     except (OSError, RuntimeError) as err:  # the previous checkpoint and progress.json stay as they were
         raise RuntimeFault(f"cannot save a checkpoint in {run} ({err}); free disk space and run train again: "
                            "it resumes from the last saved checkpoint") from err
-    keep = {name, progress.get("previous")}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    keep = {n for c in (name, progress.get("previous")) if c for n in (c, c + ".data")}
     for old in run.glob("checkpoint-*"):
         if old.name not in keep:
             old.unlink()
@@ -396,7 +418,9 @@ def train(bundle_dir: Path, buffer_path: Path, run: Path, config: TrainConfig) -
         if progress["bundle"] != identity:
             raise RuntimeFault(f"{run} belongs to another bundle; pass a new --run folder")
         path = run / progress["checkpoint"]
-        if not path.exists() or store.sha256(path) != progress["sha256"]:
+        data = path.with_name(path.name + ".data")
+        if not path.exists() or store.sha256(path) != progress["sha256"] or (
+                progress.get("data_sha256") and (not data.exists() or store.sha256(data) != progress["data_sha256"])):
             raise RuntimeFault(f"checkpoint {path} is missing or fails its hash; delete {run} to start over")
         state = api.CheckpointState.load_checkpoint(str(path))
     module = api.Module(str(bundle_dir / fmt.TRAINING_MODEL), state, str(bundle_dir / fmt.EVAL_MODEL))
