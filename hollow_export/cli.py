@@ -106,28 +106,77 @@ def personalize(model, arch, fraction, depth, rank, alpha, targets, blocks, reso
 
 @main.command()
 @model_options
-@click.option("--lora", "lora_dir", required=True, type=click.Path(), help="Output folder of personalize/merge.")
-@click.option("--prompt", required=True, multiple=True, help="Prompt (repeat for several).")
+@click.option("--lora", "lora_dir", required=True, type=click.Path(),
+              help="Output folder of personalize or merge (the ORT engine needs a merge folder).")
+@click.option("--prompt", required=True, multiple=True, help="Prompt (repeat for several: a contact sheet too).")
+@click.option("--engine", type=click.Choice(["torch", "ort"]), default="torch", show_default=True,
+              help="torch: diffusers + PyTorch; ort: the merged ONNX graphs with ONNX Runtime alone.")
 @click.option("--inference", type=click.Choice(["dual", "single"]), default="dual", show_default=True)
-@click.option("--class-prompt", default=None, help="Override the class prompt recorded with the LoRA.")
+@click.option("--class-prompt", default=None, help="Override the class prompt recorded with the LoRA (torch).")
 @click.option("--steps", type=int, default=25, show_default=True)
 @click.option("--guidance", type=float, default=7.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), default="runs/image.png", show_default=True,
-              help="PNG path; with several prompts, a _N suffix is added per prompt.")
-def generate(model, arch, lora_dir, prompt, inference, class_prompt, steps, guidance, seed, out):
-    """Generate images with the personalized model (PyTorch engine)."""
-    from .generate import generate as run
-    from .models import load_pipeline
+              help="PNG path; with several prompts, _N is added per prompt and _sheet for the contact sheet.")
+def generate(model, arch, lora_dir, prompt, engine, inference, class_prompt, steps, guidance, seed, out):
+    """Generate images with the personalized model, dual or single path."""
+    from .generate import contact_sheet, generate as run_torch, generate_ort
     from .store import atomic_path
-    pipe = load_pipeline(model, arch)
+    if engine == "torch":
+        from .models import load_pipeline
+        pipe = load_pipeline(model, arch)
     out = Path(out)
+    images = []
     for i, text in enumerate(prompt):
-        image = run(pipe, Path(lora_dir), text, inference, steps, guidance, seed, class_prompt)
+        if engine == "torch":
+            image = run_torch(pipe, Path(lora_dir), text, inference, steps, guidance, seed, class_prompt)
+        else:
+            image = generate_ort(Path(lora_dir), text, inference, steps, guidance, seed)
+        images.append(image)
         target = out if len(prompt) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         with atomic_path(target) as tmp:
             image.save(tmp, format="PNG")
         click.echo(f"wrote {target}")
+    if len(images) > 1:
+        target = out.with_name(f"{out.stem}_sheet{out.suffix}")
+        with atomic_path(target) as tmp:
+            contact_sheet(images).save(tmp, format="PNG")
+        click.echo(f"wrote {target}")
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="The bundle the phone trained.")
+@click.option("--lora", "lora_file", required=True, type=click.Path(), help="lora.safetensors from the phone.")
+@click.option("--model", type=click.Path(), default=None,
+              help="Base model folder (default: the one the bundle was built from).")
+@click.option("--out", type=click.Path(), default="runs/merged", show_default=True)
+def merge(bundle_dir, lora_file, model, out):
+    """Merge the returned LoRA: diffusers LoRA file, single-path (optimum layout) and dual-path ONNX."""
+    from .bundle import open_bundle
+    from .merge import merge as run
+    from .models import load_pipeline
+    identity = open_bundle(bundle_dir, verify=False)["model"]
+    if model is None and identity.get("source") == "local":
+        model = identity["path"]
+    arch = None if model else identity.get("source", "tiny")
+    record = run(load_pipeline(model, arch), Path(bundle_dir), Path(lora_file), Path(out))
+    click.echo(f"merged into {out}: {record['lora_file']}, single/ (optimum ONNX layout), dual/")
+
+
+@main.command()
+@click.option("--generated", required=True, type=click.Path(), help="Folder of generated images.")
+@click.option("--reference", required=True, type=click.Path(), help="Folder of real photos of the subject.")
+@click.option("--prompts", required=True, type=click.Path(),
+              help="JSON {image file: prompt}, or text with one prompt per line (natural file-name order).")
+@click.option("--clip", "clip_path", required=True, type=click.Path(), help="Local CLIP model folder.")
+@click.option("--dino", "dino_path", required=True, type=click.Path(), help="Local DINO ViT-S/16 (or DINOv2) folder.")
+@click.option("--out", type=click.Path(), default="runs/metrics.json", show_default=True)
+def evaluate(generated, reference, prompts, clip_path, dino_path, out):
+    """DINO, CLIP-I and CLIP-T as in the DreamBooth protocol."""
+    from .evaluate import evaluate as run, metrics_table, write_result
+    result = run(Path(generated), Path(reference), Path(prompts), Path(clip_path), Path(dino_path))
+    write_result(result, Path(out))
+    click.echo(metrics_table(result))
 
 
 @main.command()

@@ -1,16 +1,18 @@
-"""Images from a personalized model, PyTorch engine: the paper's dual path or single path.
+"""Images from a personalized model: the paper's dual path or single path, PyTorch or ONNX Runtime.
 
-In:  a `StableDiffusionPipeline`, a LoRA folder written by `personalize` or
-     `merge` (`pytorch_lora_weights.safetensors` + `record.json`), prompts.
-Out: PIL images.
+In:  PyTorch engine: a `StableDiffusionPipeline` and a LoRA folder written by `personalize` or
+     `merge` (`pytorch_lora_weights.safetensors` + `record.json`). ORT engine: a folder written
+     by `merge` (its `single/` and `dual/` graphs). Prompts, steps, guidance, seed.
+Out: PIL images (and a contact sheet of several).
 
-Dual path (paper default): the original U-Net without LoRA, fed the class
-prompt, makes the hidden state entering the kept up layers; the kept layers
-with LoRA and the instance prompt do the rest. Single path: one pass of the
-full U-Net with the LoRA loaded, the hollowed units fed the class prompt,
-the kept units the instance prompt: plain inference cost. A LoRA trained
-with `--method lora` has no hollow; both paths then reduce to the plain
-U-Net with LoRA.
+Dual path (paper default): the original U-Net without LoRA, fed the class prompt, makes the
+hidden state entering the kept up layers; the kept layers with LoRA and the prompt do the rest.
+Single path: one pass of the full U-Net with the LoRA in it, the hollowed units fed the class
+prompt, the kept units the prompt: plain inference cost. In both, the hollowed layers see the
+class prompt in both classifier-free-guidance branches (see merge.py). A LoRA trained with
+`--method lora` has no hollow: both paths are then the plain U-Net with LoRA. The two engines
+draw the same initial noise from the seed and run the same scheduler, so they agree to within
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -47,51 +49,104 @@ def read_record(lora_dir: Path) -> dict:
     return json.loads(record_path.read_text())
 
 
-def noise_fn(pipe, plan: HollowPlan | None, path: str, instance: torch.Tensor, klass: torch.Tensor):
-    """eps(x, t) for one prompt pair along the chosen inference path."""
+def noise_fn(pipe, plan: HollowPlan | None, path: str, context: torch.Tensor, klass: torch.Tensor):
+    """eps(x, t) for one prompt embedding along the chosen inference path (PyTorch engine)."""
     unet = pipe.unet
     if path not in INFERENCE_PATHS:
         raise GenerateError(f"--inference must be one of {', '.join(INFERENCE_PATHS)} (got {path!r})")
     if plan is None:  # plain LoRA: no hollow, both paths are the plain U-Net
-        return lambda x, t: unet(x, t, instance.expand(x.shape[0], -1, -1)).sample
+        return lambda x, t: unet(x, t, context.expand(x.shape[0], -1, -1)).sample
     if path == "single":
-        return lambda x, t: unet_forward(unet, plan, x, t, instance.expand(x.shape[0], -1, -1),
+        return lambda x, t: unet_forward(unet, plan, x, t, context.expand(x.shape[0], -1, -1),
                                          klass.expand(x.shape[0], -1, -1))
     precompute, hollowed = PrecomputeNet(unet, plan), HollowedNet(unet, plan)
 
     def dual(x, t):
         with adapters_disabled(precompute):
             hidden = precompute(x, t, klass.expand(x.shape[0], -1, -1))
-        return hollowed(x, t, instance.expand(x.shape[0], -1, -1), hidden)
+        return hollowed(x, t, context.expand(x.shape[0], -1, -1), hidden)
     return dual
+
+
+def initial_latents(shape: tuple, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def denoise(cond_eps, uncond_eps, scheduler, latents: torch.Tensor, steps: int, guidance: float, label: str):
+    """The classifier-free-guided sampling loop shared by both engines; returns the final latents."""
+    scheduler.set_timesteps(steps)
+    latents = latents * scheduler.init_noise_sigma
+    for t in tqdm(scheduler.timesteps, desc=f"denoise ({label})", unit="step"):
+        x = scheduler.scale_model_input(latents, t)
+        eps_u, eps_c = uncond_eps(x, t), cond_eps(x, t)
+        latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
+    return latents
+
+
+def to_image(decoded: torch.Tensor):
+    from PIL import Image
+    array = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 @torch.no_grad()
 def generate(pipe, lora_dir: Path, prompt: str, path: str = "dual", steps: int = 25, guidance: float = 7.5,
              seed: int = 0, class_prompt: str | None = None):
-    """One image for `prompt` with the LoRA in `lora_dir`, along `path`; returns a PIL image."""
-    from PIL import Image
-
+    """One image for `prompt` with the LoRA in `lora_dir`, PyTorch engine; returns a PIL image."""
     record = read_record(lora_dir)
     pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
     plan = HollowPlan.from_json(record["plan"]) if record.get("method", "hollowed") == "hollowed" else None
     klass = encode_prompt(pipe, class_prompt or record["class_prompt"])
-    uncond = encode_prompt(pipe, "")
-    cond_eps = noise_fn(pipe, plan, path, encode_prompt(pipe, prompt), klass)
-    uncond_eps = noise_fn(pipe, plan, path, uncond, uncond)
-
-    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(steps)
+    cond = noise_fn(pipe, plan, path, encode_prompt(pipe, prompt), klass)
+    uncond = noise_fn(pipe, plan, path, encode_prompt(pipe, ""), klass)
     side = plan.latent_shape[-1] if plan else pipe.unet.config.sample_size
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=generator)
-    latents = latents * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, desc=f"denoise ({path} path)", unit="step"):
-        x = scheduler.scale_model_input(latents, t)
-        t_in = torch.as_tensor(t).reshape(1)
-        eps_u, eps_c = uncond_eps(x, t_in), cond_eps(x, t_in)
-        eps = eps_u + guidance * (eps_c - eps_u)
-        latents = scheduler.step(eps, t, latents).prev_sample
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    array = ((image[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
+    latents = initial_latents((1, pipe.unet.config.in_channels, side, side), seed)
+    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    latents = denoise(lambda x, t: cond(x, torch.as_tensor(t).reshape(1)),
+                      lambda x, t: uncond(x, torch.as_tensor(t).reshape(1)),
+                      scheduler, latents, steps, guidance, f"{path} path")
+    pipe.unload_lora_weights()
+    return to_image(pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample)
+
+
+def generate_ort(merged: Path, prompt: str, path: str = "dual", steps: int = 25, guidance: float = 7.5,
+                 seed: int = 0):
+    """One image for `prompt` from a merged folder, ONNX Runtime engine; returns a PIL image."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    from .merge import OrtEngine
+
+    merged = Path(merged)
+    record = read_record(merged)
+    engine = OrtEngine(merged, path)
+    tokenizer = CLIPTokenizer.from_pretrained(merged / "single" / "tokenizer", local_files_only=True)
+    config = json.loads((merged / "single" / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+
+    def embed(text):
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="np").input_ids
+        return engine.encode(ids)
+    context, empty = embed(prompt), embed("")
+    unet_config = json.loads((merged / "single" / "unet" / "config.json").read_text())
+    side = record["plan"]["latent_shape"][-1]
+    latents = initial_latents((1, unet_config.get("in_channels", 4), side, side), seed)
+
+    def eps(ctx):
+        return lambda x, t: torch.from_numpy(engine.noise(x.numpy().astype(np.float32), float(t), ctx))
+    latents = denoise(eps(context), eps(empty), scheduler, latents, steps, guidance, f"ort {path} path")
+    vae_config = json.loads((merged / "single" / "vae_decoder" / "config.json").read_text())
+    decoded = engine.decode((latents / vae_config.get("scaling_factor", 0.18215)).numpy().astype(np.float32))
+    return to_image(torch.from_numpy(decoded))
+
+
+def contact_sheet(images: list, columns: int = 4):
+    """Several images side by side in rows of `columns`."""
+    from PIL import Image
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (w * min(columns, len(images)), h * rows), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+    return sheet
