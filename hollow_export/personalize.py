@@ -173,8 +173,9 @@ def personalize(pipe, plan: HollowPlan, images: Path, instance_prompt: str, clas
     generator = torch.Generator().manual_seed(settings.seed)
     photos = load_images(images, plan.resolution)
     latents = encode_images(pipe, photos, generator).cpu()
-    samples = draw_samples(latents, settings.samples, pipe.scheduler.__class__.from_config(
-        pipe.scheduler.config), generator)
+    from diffusers import DDPMScheduler
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+    samples = draw_samples(latents, settings.samples, noise_scheduler, generator)
     instance = encode_prompt(pipe, instance_prompt)
     unet = pipe.unet
 

@@ -37,9 +37,10 @@ def test_personalize_lowers_fixed_batch_loss_and_generates(tmp_path, photos, met
         assert Image.open(image).size == (128, 128)
 
 
-def test_bad_photos_are_refused_with_the_fix(tmp_path):
+def test_bad_photos_are_refused_with_the_fix(tmp_path, photos):
+    import shutil
     (tmp_path / "empty").mkdir()
-    (tmp_path / "bad").mkdir()
+    shutil.copytree(photos, tmp_path / "bad")
     (tmp_path / "bad" / "cat.png").write_text("not an image")
     base = ["personalize", *FAST, "--instance-prompt", "a sks ball", "--class-prompt", "a ball"]
     res = CliRunner().invoke(main, [*base, "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o1")])
