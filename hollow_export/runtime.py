@@ -167,8 +167,14 @@ def read_header(path: Path) -> tuple[BufferHeader, int]:
     if data.get("format_version") != BUFFER_VERSION:
         raise RuntimeFault(f"{path} is buffer format v{data.get('format_version')}, this tool reads "
                            f"v{BUFFER_VERSION}; collect again")
-    fields = {k: data[k] for k in BufferHeader.__dataclass_fields__}
-    return BufferHeader(**fields), len(BUFFER_MAGIC) + 4 + size
+    try:
+        header = BufferHeader(**{k: data[k] for k in BufferHeader.__dataclass_fields__})
+    except KeyError as err:
+        raise RuntimeFault(f"{path} has a header without {err}; delete it and collect again") from err
+    if data.get("record_bytes") != header.record_bytes:
+        raise RuntimeFault(f"{path} declares {data.get('record_bytes')}-byte records, its shapes make "
+                           f"{header.record_bytes}; delete it and collect again")
+    return header, len(BUFFER_MAGIC) + 4 + size
 
 
 class BufferReader:
@@ -434,7 +440,6 @@ def train(bundle_dir: Path, buffer_path: Path, run: Path, config: TrainConfig) -
     step = progress["step"]
     batch = hyper.get("batch_size", 1)
     bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not config.progress)
-    last_save = step
     while step < config.steps:
         inputs = _batch(buffer, acp, instance, progress["seed"], step, batch, hyper["prediction_type"])
         loss = float(module(*inputs))
@@ -447,16 +452,12 @@ def train(bundle_dir: Path, buffer_path: Path, run: Path, config: TrainConfig) -
         out_of_time = config.max_minutes is not None and time.time() - started > 60 * config.max_minutes
         if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
             progress["previous"] = progress.get("checkpoint")
-            _save(state, run, step, progress)
+            _save(state, run, step, progress)  # every exit from this loop passes here first
             progress = read_progress(run)
-            last_save = step
         if out_of_time:
             break
     bar.close()
     buffer.close()
-    if last_save != step:
-        _save(state, run, step, progress)
-        progress = read_progress(run)
     progress["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     progress["finished"] = step >= config.steps
     return progress

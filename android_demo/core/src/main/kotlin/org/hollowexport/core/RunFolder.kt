@@ -1,0 +1,165 @@
+package org.hollowexport.core
+
+import com.google.gson.JsonObject
+import java.io.File
+import java.io.IOException
+
+/**
+ * progress.json (PROTOCOL.md section 6). Fields the reference may add are kept as they are.
+ */
+class Progress(
+    val bundle: String,
+    val bufferSeed: Long,
+    val seed: Long,
+    val losses: MutableList<Double>,
+    val step: Long,
+    val checkpoint: String?,
+    val previous: String?,
+    val sha256: String?,
+    val dataSha256: String?,
+    val extra: Map<String, String> = emptyMap()
+) {
+    fun copy(step: Long = this.step, checkpoint: String? = this.checkpoint, previous: String? = this.previous,
+             sha256: String? = this.sha256, dataSha256: String? = this.dataSha256): Progress =
+            Progress(bundle, bufferSeed, seed, ArrayList(losses), step, checkpoint, previous, sha256, dataSha256, extra)
+
+    /** Key order as the reference writes it. */
+    fun toJson(): String {
+        val map = linkedMapOf<String, Any?>("bundle" to bundle, "buffer_seed" to bufferSeed, "seed" to seed,
+                "losses" to losses, "step" to step, "checkpoint" to checkpoint, "previous" to previous,
+                "sha256" to sha256, "data_sha256" to dataSha256)
+        for ((k, v) in extra) if (!map.containsKey(k)) map[k] = Json.Raw(v)
+        return Json.pretty(map) + "\n"
+    }
+
+    companion object {
+        private val KNOWN = setOf("bundle", "buffer_seed", "seed", "losses", "step", "checkpoint", "previous",
+                "sha256", "data_sha256")
+
+        fun parse(json: JsonObject, where: String): Progress {
+            val losses = ArrayList<Double>()
+            json.getAsJsonArray("losses")?.forEach { losses.add(it.asDouble) }
+            val extra = LinkedHashMap<String, String>()
+            for ((k, v) in json.entrySet()) if (k !in KNOWN) extra[k] = v.toString()
+            return Progress(Json.str(json, "bundle", where), Json.long(json, "buffer_seed", where),
+                    Json.long(json, "seed", where), losses, Json.long(json, "step", where),
+                    Json.optStr(json, "checkpoint"), Json.optStr(json, "previous"), Json.optStr(json, "sha256"),
+                    Json.optStr(json, "data_sha256"), extra)
+        }
+    }
+}
+
+/** Where training (re)starts: the checkpoint to load and the progress so far. */
+class StartPoint(val checkpoint: File, val progress: Progress, val fresh: Boolean)
+
+/**
+ * A run folder: checkpoint names, progress.json, which files to keep, and the save procedure of
+ * section 6, as plain file operations. The ORT call that writes a checkpoint is passed in.
+ */
+class RunFolder(val dir: File) {
+    val progressFile = File(dir, PROGRESS)
+
+    fun readProgress(): Progress? {
+        if (!progressFile.isFile) return null
+        val json = try {
+            Json.parseObject(progressFile.readText(Charsets.UTF_8), progressFile.path)
+        } catch (err: HollowException) {
+            throw RunException("$progressFile is damaged; delete the run folder to start over", err)
+        }
+        return try {
+            Progress.parse(json, progressFile.path)
+        } catch (err: HollowException) {
+            throw RunException("$progressFile is damaged (${err.message}); delete the run folder to start over", err)
+        }
+    }
+
+    /**
+     * No progress.json: a fresh run from the bundle's checkpoint. Otherwise the named checkpoint,
+     * after checking its sha256 (and its .data file's), to continue at progress.step.
+     */
+    fun start(bundle: Bundle, bufferSeed: Long): StartPoint {
+        if (!dir.isDirectory && !dir.mkdirs()) throw RunException("cannot create the run folder $dir")
+        val progress = readProgress()
+        if (progress == null) {
+            val fresh = Progress(bundle.id, bufferSeed, bundle.hyper.seed, ArrayList(), 0, null, null, null, null)
+            return StartPoint(bundle.file(BundleFiles.CHECKPOINT), fresh, true)
+        }
+        if (progress.bundle != bundle.id) {
+            throw RunException("$dir belongs to another bundle; choose a new run folder")
+        }
+        val name = progress.checkpoint
+                ?: throw RunException("$progressFile names no checkpoint; delete $dir to start over")
+        val path = File(dir, name)
+        val data = File(dir, "$name.data")
+        val ok = path.isFile && Hashes.sha256(path) == progress.sha256 &&
+                (progress.dataSha256 == null || (data.isFile && Hashes.sha256(data) == progress.dataSha256))
+        if (!ok) throw RunException("checkpoint $path is missing or fails its hash; delete $dir to start over")
+        return StartPoint(path, progress, false)
+    }
+
+    /**
+     * Save after `step` finished steps: (1) the ORT checkpoint with optimizer state under its final
+     * name inside `.saving-<name>`, fsynced, moved in (.data first); (2) progress.json atomically;
+     * (3) delete the scratch folder and every checkpoint but the new one and the previous one.
+     * If anything fails, the previous checkpoint and progress.json stay valid and RunException says so.
+     */
+    fun save(step: Long, progress: Progress, writeCheckpoint: (File) -> Unit): Progress {
+        val name = checkpointName(step)
+        val scratch = File(dir, ".saving-$name")
+        val previous = progress.checkpoint
+        val saved: Progress
+        try {
+            scratch.deleteRecursively()
+            if (!scratch.mkdirs()) throw IOException("cannot create $scratch")
+            writeCheckpoint(File(scratch, name))
+            if (!File(scratch, name).isFile) throw IOException("the checkpoint was not written to $scratch")
+            for (f in listOf(File(scratch, "$name.data"), File(scratch, name))) {
+                if (f.isFile) {
+                    AtomicFiles.fsync(f)
+                    AtomicFiles.move(f, File(dir, f.name))
+                }
+            }
+            val data = File(dir, "$name.data")
+            saved = progress.copy(step = step, checkpoint = name, previous = previous,
+                    sha256 = Hashes.sha256(File(dir, name)),
+                    dataSha256 = if (data.isFile) Hashes.sha256(data) else null)
+            AtomicFiles.writeText(progressFile, saved.toJson())
+        } catch (err: IOException) {
+            throw saveFailed(err)
+        } catch (err: RuntimeException) {
+            throw saveFailed(err)
+        } finally {
+            scratch.deleteRecursively()
+        }
+        val keep = HashSet<String>()
+        for (c in listOf(name, previous)) if (c != null) {
+            keep.add(c)
+            keep.add("$c.data")
+        }
+        dir.listFiles()?.forEach { f ->
+            if (f.name.startsWith("checkpoint-") && f.name !in keep) f.delete()
+        }
+        return saved
+    }
+
+    private fun saveFailed(err: Throwable) = RunException("cannot save a checkpoint in $dir (${err.message}); " +
+            "free storage and start training again: it resumes from the last saved checkpoint", err)
+
+    /** The checkpoint to export: progress.json's, if a checkpoint was saved. */
+    fun lastCheckpoint(): File {
+        val p = readProgress()
+        val name = p?.checkpoint ?: throw RunException("$dir holds no finished checkpoint; train first")
+        return File(dir, name)
+    }
+
+    companion object {
+        const val PROGRESS = "progress.json"
+
+        /** checkpoint-SSSSSS: S = finished steps, six digits (more when a run goes past 999999). */
+        fun checkpointName(step: Long): String = String.format("checkpoint-%06d", step)
+
+        /** Save every `every` steps, at the last step, and when the time budget is spent or a stop is asked. */
+        fun shouldSave(step: Long, totalSteps: Long, every: Int, stopping: Boolean): Boolean =
+                (every > 0 && step % every == 0L) || step == totalSteps || stopping
+    }
+}
