@@ -266,6 +266,105 @@ def device_export(bundle_dir, checkpoint, out):
     click.echo(f"wrote {Path(out) / record['file']} ({record['tensors']} tensors, sha256 {record['sha256'][:16]}...)")
 
 
+@main.group()
+def bench():
+    """Local benchmarks: the paper's Table 1, the hollow-depth sweep, the on-device engine (JSON + PNG)."""
+
+
+def _bench_done(result, text):
+    click.echo(text(result))
+    click.echo(f"wrote {result['files']['json']} and {result['files']['png']}")
+
+
+def _names(csv):
+    return [n.strip() for n in csv.split(",") if n.strip()] or None
+
+
+@bench.command("memory")
+@click.option("--arch", type=click.Choice(["tiny", "mid", "sd15", "sd21"]), default="tiny", show_default=True,
+              help="mid: SD1.5's layout with block_out_channels 128/256/512/512 (bench only).")
+@click.option("--device", default="cpu", show_default=True, help="cpu (peak RSS per fresh process) or cuda.")
+@click.option("--resolution", type=int, default=None, help="Image side in px (default: the arch's).")
+@click.option("--rank", type=int, default=128, show_default=True)
+@click.option("--fraction", type=float, default=0.4, show_default=True, help="Target hollowed parameter share.")
+@click.option("--depth", type=int, default=None, help="Hollow depth k (overrides --fraction).")
+@click.option("--steps", type=int, default=3, show_default=True, help="Steps per case: 1 warm, then measured.")
+@click.option("--cases", default="", help="Comma-separated case names (default: all, paper and beyond-paper).")
+@click.option("--no-measure", is_flag=True, help="FLOPs and parameter counts only (no processes).")
+@click.option("--merge", is_flag=True, help="Add these cases to the result already in --out (same settings).")
+@click.option("--threads", type=int, default=None)
+@click.option("--timeout", type=float, default=None, help="Seconds per case process.")
+@click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
+def bench_memory(arch, device, resolution, rank, fraction, depth, steps, cases, no_measure, merge, threads,
+                 timeout, out):
+    """The paper's Table 1: params, peak memory and FLOPs per step, each case in a fresh process."""
+    from . import profile
+    result = profile.memory_table(arch=arch, device=device, resolution=resolution, rank=rank, fraction=fraction,
+                                  depth=depth, steps=steps, cases=_names(cases), measure=not no_measure,
+                                  out=Path(out), threads=threads, timeout=timeout, merge=merge)
+    _bench_done(result, profile.memory_text)
+
+
+@bench.command("sweep")
+@click.option("--arch", type=click.Choice(["tiny", "mid", "sd15", "sd21"]), default="tiny", show_default=True)
+@click.option("--steps", type=int, default=200, show_default=True, help="Training steps per depth (loss, tiny only).")
+@click.option("--rank", type=int, default=None, help="LoRA rank (default: 4 on tiny, 128 otherwise).")
+@click.option("--resolution", type=int, default=None)
+@click.option("--samples", type=int, default=200, show_default=True, help="Buffered samples for the loss runs.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--no-measure", is_flag=True, help="Analytic memory only (no processes).")
+@click.option("--threads", type=int, default=None)
+@click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
+def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, threads, out):
+    """Every hollow depth: hollowed share, training peak, FLOPs and (tiny) the loss (the paper's Figure 5)."""
+    from . import profile
+    result = profile.sweep(arch=arch, steps=steps, rank=rank, resolution=resolution, measure=not no_measure,
+                           device=device, samples=samples, lr=lr, out=Path(out), threads=threads)
+    _bench_done(result, profile.sweep_text)
+
+
+@bench.command("ort")
+@click.option("--arch", type=click.Choice(["tiny", "mid", "sd15", "sd21"]), default="tiny", show_default=True)
+@click.option("--resolution", type=int, default=None)
+@click.option("--rank", type=int, default=128, show_default=True)
+@click.option("--fraction", type=float, default=0.4, show_default=True)
+@click.option("--depth", type=int, default=None)
+@click.option("--steps", type=int, default=5, show_default=True, help="ORT steps per engine (first is warm-up).")
+@click.option("--engines", default="hollowed,lora,inference", show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--timeout", type=float, default=None, help="Seconds per build/measure process.")
+@click.option("--workdir", type=click.Path(), default=None, help="Where the temporary bundles go.")
+@click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
+def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, timeout, workdir, out):
+    """ORT training of the Hollowed Net bundle vs a plain-LoRA bundle vs ORT inference, side by side."""
+    from . import profile
+    result = profile.ort_bench(arch=arch, resolution=resolution, rank=rank, fraction=fraction, depth=depth,
+                               steps=steps, threads=threads, out=Path(out), workdir=workdir, timeout=timeout,
+                               kinds=tuple(_names(engines) or ()))
+    _bench_done(result, profile.ort_text)
+
+
+@main.command("profile")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder from `build`.")
+@click.option("--device", "device_name", default="Samsung Galaxy S24 (Family)", show_default=True,
+              help="AI Hub device name (`qai-hub list-devices`).")
+@click.option("--target-runtime", type=click.Choice(["qnn_context_binary", "onnx", "tflite"]),
+              default="qnn_context_binary", show_default=True)
+@click.option("--merged-unet", type=click.Path(), default=None,
+              help="Also profile the merged U-Net: `merge`'s output folder or a U-Net .onnx.")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for each AI Hub job.")
+@click.option("--out", type=click.Path(), default="runs/aihub", show_default=True)
+def profile_cmd(bundle_dir, device_name, target_runtime, merged_unet, timeout, out):
+    """Qualcomm AI Hub compile + profile jobs for the bundle's inference graphs and the merged U-Net."""
+    from .aihub import profile_bundle, profile_text
+    result = profile_bundle(Path(bundle_dir), device_name, target_runtime,
+                            Path(merged_unet) if merged_unet else None, out=Path(out), timeout=timeout,
+                            log=click.echo)
+    click.echo(profile_text(result))
+    click.echo(f"wrote {result['files']['json']}")
+
+
 @main.command("demo-photos")
 @click.option("--out", type=click.Path(), default="runs/photos", show_default=True)
 @click.option("--count", type=int, default=5, show_default=True)

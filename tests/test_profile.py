@@ -1,0 +1,318 @@
+"""Benchmarks (tiny only, fast): FLOPs against an independent counter, memory table, sweep, AI Hub with a fake client.
+
+No timing is asserted anywhere: this machine is shared.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from hollow_export import aihub, profile
+from hollow_export.anatomy import LoraSpec, lora_param_count, make_plan, select_lora_targets
+from hollow_export.models import load_unet
+
+RANK = 4
+PLAN = {"rank": RANK, "fraction": None, "depth": 3, "resolution": 128}
+
+
+def _case(name):
+    return next(c for c in profile.all_cases(RANK) if c.name == name)
+
+
+def _stock_count(fn):
+    """The stock FlopCounterMode on real tensors, attention forced onto SDPA's math path (two bmm)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_flops_match_the_stock_counter_on_real_tensors():
+    unet = load_unet(arch="tiny")
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        reference = _stock_count(lambda: unet(x, t, e))
+    assert profile.case_flops("tiny", PLAN, _case("inference"))["step"] == reference
+    assert profile.case_flops("tiny", PLAN, _case("inference"), device="meta")["step"] == reference
+    # the CPU flash kernel is counted like SDPA: the patched counter agrees with the math path on real tensors
+    with torch.no_grad(), profile.flop_counter() as counter:
+        unet(x, t, e)
+    assert counter.get_total_flops() == reference
+
+    # a hollowed training step (forward + backward) on real tensors, stock counter
+    plan = make_plan(unet, depth=3, lora=LoraSpec(rank=RANK), resolution=128)
+    net, _ = profile.build_case(unet, plan, _case("hollowed"))
+    hidden, target = torch.randn(1, *plan.buffer_shape, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    stock = _stock_count(lambda: torch.nn.functional.mse_loss(net(x, t, e, hidden), target).backward())
+    hollowed = profile.case_flops("tiny", PLAN, _case("hollowed"))
+    assert hollowed["step"] == stock
+
+    lora = profile.case_flops("tiny", PLAN, _case(f"lora_r{RANK}"))
+    full = profile.case_flops("tiny", PLAN, _case("full_ft"))
+    collection = profile.case_flops("tiny", PLAN, _case("collection"))
+    ckpt = profile.case_flops("tiny", PLAN, _case("hollowed_ckpt"))
+    assert hollowed["step"] < lora["step"] < full["step"]
+    assert collection["backward"] == 0 and collection["step"] < reference
+    assert ckpt["step"] > hollowed["step"]  # recomputation costs forward FLOPs again
+
+
+def test_lora_params_match_the_analytic_counts_and_the_paper():
+    unet = load_unet(arch="tiny")
+    plan = make_plan(unet, depth=3, lora=LoraSpec(rank=RANK), resolution=128)
+    net, trainable = profile.build_case(unet, plan, _case("hollowed"))
+    assert sum(p.numel() for p in trainable) == lora_param_count(unet, plan.lora_targets, RANK) == plan.lora_params
+    lora_net, trainable = profile.build_case(load_unet(arch="tiny"), plan, _case(f"lora_r{RANK}"))
+    spec = LoraSpec(rank=RANK)
+    assert sum(p.numel() for p in trainable) == lora_param_count(unet, select_lora_targets(unet, spec), RANK)
+    # SD2.1 (meta device): the paper's 207K at r=1 and 27M at r=128
+    for rank, expected in ((1, 207_488), (128, 26_558_464)):
+        sd21 = profile.bench_unet("sd21", meta=True)
+        p = profile.bench_plan(sd21, rank, None, 3, 512)
+        _, trainable = profile.build_case(sd21, p, profile.Case("l", "lora", "l", rank=rank), device="meta")
+        assert sum(x.numel() for x in trainable) == expected
+
+
+def test_recompute_and_precision_variants_stay_close_to_fp32():
+    unet = load_unet(arch="tiny")
+    plan = make_plan(unet, depth=3, lora=LoraSpec(rank=RANK), resolution=128)
+    items = profile.step_inputs_for("tiny", plan, 1)
+    results = {}
+    for name in ("hollowed", "hollowed_ckpt", "hollowed_bf16"):
+        case = _case(name)
+        data = [dict(items[0])]
+        net, trainable = profile.build_case(load_unet(arch="tiny"), plan, case, "cpu", data)
+        optimizer = torch.optim.SGD(trainable, lr=0.0)
+        loss, _ = profile.run_step(net, case, data[0], optimizer, "cpu")
+        grads = torch.cat([p.grad.flatten() for p in trainable])
+        names = [n for n, p in net.named_parameters() if p.requires_grad]
+        results[name] = (loss, grads, names)
+    ref_loss, ref_grad, ref_names = results["hollowed"]
+    loss, grad, names = results["hollowed_ckpt"]
+    assert names == ref_names  # recomputation keeps every parameter name
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss) and torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-8)
+    loss, grad, _ = results["hollowed_bf16"]
+    assert abs(loss - ref_loss) <= 2e-2 * abs(ref_loss)
+    assert float((grad - ref_grad).norm() / ref_grad.norm()) < 0.2
+
+
+def test_memory_table_on_tiny(tmp_path):
+    result = profile.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["inference", "hollowed"],
+                                  out=tmp_path, log=lambda *_: None)
+    rows = {r["case"]: r for r in result["rows"]}
+    assert set(rows) == {"inference", "hollowed"}
+    plan = make_plan(load_unet(arch="tiny", meta=True), depth=3, lora=LoraSpec(rank=RANK), resolution=128)
+    assert rows["inference"]["base_params"] == plan.unet_params
+    assert rows["hollowed"]["base_params"] == plan.kept_params
+    assert rows["hollowed"]["lora_params"] == rows["hollowed"]["lora_params_analytic"] == plan.lora_params
+    for r in rows.values():
+        assert "error" not in r, r.get("error")
+        assert 0 < r["held_bytes"] and 0 < r["peak_bytes"]
+        assert r["peak_abs_bytes"] >= r["baseline_rss_bytes"] + r["peak_bytes"] - 1  # consistent bookkeeping
+    assert rows["inference"]["peak_vs_inference"] == 1.0
+    assert rows["hollowed"]["peak_vs_inference"] == rows["hollowed"]["peak_bytes"] / rows["inference"]["peak_bytes"]
+    assert len(rows["hollowed"]["losses"]) == 2 and all(np.isfinite(rows["hollowed"]["losses"]))
+    files = result["files"]
+    saved = json.loads(open(files["json"]).read())
+    assert saved["settings"]["arch"] == "tiny" and saved["settings"]["torch"] == torch.__version__
+    assert open(files["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    text = profile.memory_text(result)
+    for word in ("tiny", "resolution: 128", "inference", "hollowed", "peak GB", "date"):
+        assert word in text
+
+    # --merge adds cases to the result measured before with the same settings, and refuses other settings
+    merged = profile.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["collection"], measure=False,
+                                  out=tmp_path, merge=True, log=lambda *_: None)
+    assert [r["case"] for r in merged["rows"]] == ["inference", "hollowed", "collection"]
+    assert merged["rows"][1]["peak_bytes"] == rows["hollowed"]["peak_bytes"]
+    with pytest.raises(profile.BenchError, match="other settings"):
+        profile.memory_table(arch="tiny", rank=RANK, depth=3, steps=3, cases=["collection"], measure=False,
+                             out=tmp_path, merge=True, log=lambda *_: None)
+
+    # every row's structure, FLOPs only (no processes)
+    flops_only = profile.memory_table(arch="tiny", rank=RANK, depth=3, measure=False, log=lambda *_: None)
+    names = [r["case"] for r in flops_only["rows"]]
+    assert names == [c.name for c in profile.all_cases(RANK)]
+    assert all(r["flops"]["step"] > 0 and "peak_bytes" not in r for r in flops_only["rows"])
+    assert flops_only["dual_path_flops"] > rows["inference"]["flops"]["step"]
+
+
+def test_sweep_on_tiny_writes_json_and_png(tmp_path):
+    result = profile.sweep(arch="tiny", steps=2, samples=2, measure=False, depths=[0, 3, 11], out=tmp_path,
+                           log=lambda *_: None)
+    rows = result["rows"]
+    assert [r["depth"] for r in rows] == [0, 3, 11]
+    fractions = [r["hollowed_fraction"] for r in rows]
+    assert fractions == sorted(fractions) and 0 < fractions[0] < fractions[-1] < 1
+    step_flops = [r["flops"]["step"] for r in rows]
+    assert step_flops == sorted(step_flops, reverse=True)
+    assert step_flops[0] < result["references"]["lora"]["flops"]["step"]
+    assert all(len(r["loss"]["losses"]) == 2 and np.isfinite(r["loss"]["fixed_batch_loss_after"]) for r in rows)
+    assert json.loads(open(result["files"]["json"]).read())["kind"] == "sweep"
+    assert open(result["files"]["png"], "rb").read(4) == b"\x89PNG"
+    assert "depth 11" in profile.sweep_text(result)
+
+
+# ---------------------------------------------------------------- AI Hub
+
+def _graph(path, inputs, external=None):
+    nodes, inits = [], []
+    first = inputs[0][0]
+    if external:
+        w = onnx.numpy_helper.from_array(np.ones(4096, np.float32), "w")
+        inits.append(w)
+        nodes.append(helper.make_node("ReduceSum", ["w"], ["wsum"], keepdims=0))
+        nodes.append(helper.make_node("Add", [first, "wsum"], ["out"]))
+    else:
+        nodes.append(helper.make_node("Identity", [first], ["out"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, d, s) for n, d, s in inputs],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=external, size_threshold=0)
+    else:
+        onnx.save(model, str(path))
+
+
+@pytest.fixture()
+def fake_bundle(tmp_path):
+    """A bundle folder with the real manifest format and stand-in inference graphs of the right signatures."""
+    from hollow_export import bundle as fmt
+    plan = make_plan(load_unet(arch="tiny", meta=True), depth=3, lora=LoraSpec(rank=RANK), resolution=128)
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    _graph(folder / fmt.VAE_ENCODER, [("image", TensorProto.FLOAT, ["batch", 3, 128, 128])])
+    _graph(folder / fmt.PRECOMPUTE, [("sample", TensorProto.FLOAT, ["batch", 4, 16, 16]),
+                                     ("timestep", TensorProto.INT64, ["batch"]),
+                                     ("encoder_hidden_states", TensorProto.FLOAT, ["batch", 77, 32])])
+    manifest = fmt.make_manifest(folder, {"source": "tiny"}, plan.to_json(), {}, [], 0, {"resolution": 128}, {})
+    fmt.write_manifest(folder, manifest)
+    unet = tmp_path / "single" / "unet"
+    unet.mkdir(parents=True)
+    _graph(unet / "model.onnx", [("sample", TensorProto.FLOAT, ["batch", 4, "h", "w"]),
+                                 ("timestep", TensorProto.INT64, [1]),
+                                 ("encoder_hidden_states", TensorProto.FLOAT, ["batch", "tokens", 32])],
+           external="model.onnx_data")
+    return folder, tmp_path / "single"
+
+
+class FakeStatus:
+    def __init__(self, ok, message=None):
+        self.success, self.code, self.message = ok, "SUCCESS" if ok else "FAILED", message
+
+
+class FakeJob:
+    def __init__(self, client, kind, ok=True, **kw):
+        client.counter += 1
+        self.job_id, self.url = f"j{client.counter}", f"https://aihub.example/jobs/j{client.counter}/"
+        self.kind, self.ok, self.kw = kind, ok, kw
+
+    def wait(self, timeout=None):
+        return FakeStatus(self.ok, None if self.ok else "Failed to compile: unsupported op")
+
+    def get_target_model(self):
+        return f"target-of-{self.kw['name']}" if self.ok else None
+
+    def download_profile(self):
+        return {"execution_summary": {"estimated_inference_time": 12345, "inference_memory_peak_range": (2**20, 3 * 2**20),
+                                      "first_load_time": 456000, "estimated_inference_peak_memory": 3 * 2**20},
+                "execution_detail": [{"compute_unit": "NPU"}] * 3 + [{"compute_unit": "CPU"}]}
+
+
+class FakeClient:
+    """The network boundary: the same method names as qai_hub.Client, answering from memory."""
+
+    def __init__(self, fail_compile=()):
+        self.counter, self.calls, self.fail_compile = 0, [], set(fail_compile)
+
+    def get_devices(self, name="", os="", attributes=()):
+        self.calls.append(("get_devices", name))
+        return [object()] if name == "Samsung Galaxy S24 (Family)" else []
+
+    def submit_compile_job(self, model, device, name=None, input_specs=None, options="", **kw):
+        from pathlib import Path
+        source = Path(model)
+        files = sorted(p.name for p in source.iterdir()) if source.is_dir() else [source.name]
+        self.calls.append(("compile", name, files, input_specs, options, device.name))
+        return FakeJob(self, "compile", ok=not any(f in name for f in self.fail_compile), name=name)
+
+    def submit_inference_job(self, model, device, inputs=None, name=None, options="", profile=True, **kw):
+        self.calls.append(("profile", model, profile, inputs))
+        return FakeJob(self, "profile", name=name)
+
+
+def test_aihub_profile_with_a_fake_client(fake_bundle, tmp_path):
+    bundle, merged = fake_bundle
+    client = FakeClient()
+    result = aihub.profile_bundle(bundle, "Samsung Galaxy S24 (Family)", "qnn_context_binary", merged_unet=merged,
+                                  client=client, out=tmp_path / "out", log=lambda *_: None)
+    rows = {r["graph"]: r for r in result["rows"]}
+    assert list(rows) == ["vae_encoder", "precompute", "merged_unet"]
+    for r in rows.values():
+        assert r["status"] == "ok"
+        assert r["estimated_inference_ms"] == pytest.approx(12.345)
+        assert r["peak_memory_mb_range"] == [1.0, 3.0] and r["first_load_ms"] == 456.0
+        assert r["compute_units"] == {"NPU": 3, "CPU": 1}
+    compiles = [c for c in client.calls if c[0] == "compile"]
+    specs = {c[1]: c[3] for c in compiles}
+    assert specs["hollow-export precompute"] == {"sample": ((1, 4, 16, 16), "float32"), "timestep": ((1,), "int64"),
+                                                 "encoder_hidden_states": ((1, 77, 32), "float32")}
+    assert specs["hollow-export vae_encoder"] == {"image": ((1, 3, 128, 128), "float32")}
+    assert specs["hollow-export merged_unet"]["sample"] == ((1, 4, 16, 16), "float32")
+    assert all(c[4] == "--target_runtime qnn_context_binary" and c[5] == "Samsung Galaxy S24 (Family)"
+               for c in compiles)
+    # external weights travel as the folder AI Hub accepts: one .onnx and one .data file
+    assert next(c[2] for c in compiles if c[1].endswith("merged_unet")) == ["model.data", "model.onnx"]
+    assert all(c[1].startswith("target-of-") and c[2] is True and c[3] is None
+               for c in client.calls if c[0] == "profile")
+    text = aihub.profile_text(result)
+    assert "12.35" in text and "1.0-3.0" in text and "NPU (3)" in text and "Samsung Galaxy S24" in text
+    assert json.loads((tmp_path / "out" / "aihub_profile.json").read_text())["rows"][1]["graph"] == "precompute"
+
+    failing = aihub.profile_bundle(bundle, "Samsung Galaxy S24 (Family)", "onnx",
+                                   client=FakeClient(fail_compile=["vae_encoder"]), log=lambda *_: None)
+    assert failing["rows"][0]["status"].startswith("compile failed") and "unsupported op" in failing["rows"][0]["status"]
+    assert failing["rows"][1]["status"] == "ok"
+    with pytest.raises(aihub.AIHubError, match="list-devices"):
+        aihub.profile_bundle(bundle, "No Such Phone", client=FakeClient(), log=lambda *_: None)
+    with pytest.raises(aihub.AIHubError, match="target-runtime"):
+        aihub.profile_bundle(bundle, "Samsung Galaxy S24 (Family)", "coreml", client=FakeClient())
+
+
+def test_aihub_without_a_token_says_how_to_configure(fake_bundle, tmp_path, monkeypatch):
+    bundle, _ = fake_bundle
+    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(tmp_path / "missing" / "client.ini"))
+    with pytest.raises(aihub.AIHubError) as err:
+        aihub.profile_bundle(bundle, "Samsung Galaxy S24 (Family)", log=lambda *_: None)
+    message = str(err.value)
+    assert "qai-hub configure --api_token" in message and "client.ini" in message
+    assert issubclass(aihub.AIHubError, aihub.HollowError)
+
+
+def test_cli_profile_without_a_token_exits_1_and_bench_writes_json_and_png(fake_bundle, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hollow_export.cli import main
+    bundle, _ = fake_bundle
+    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(tmp_path / "missing" / "client.ini"))
+    run = CliRunner().invoke(main, ["profile", "--bundle", str(bundle), "--out", str(tmp_path / "aihub")])
+    assert run.exit_code == 1 and "qai-hub configure --api_token" in run.output
+    assert not (tmp_path / "aihub").exists()
+
+    out = tmp_path / "bench"
+    run = CliRunner().invoke(main, ["bench", "memory", "--arch", "tiny", "--rank", "4", "--depth", "3",
+                                    "--no-measure", "--cases", "inference,hollowed", "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    stem = out / "memory_tiny_cpu_128px_r4_k3"
+    rows = {r["case"]: r for r in json.loads(stem.with_suffix(".json").read_text())["rows"]}
+    plan = make_plan(load_unet(arch="tiny", meta=True), depth=3, lora=LoraSpec(rank=RANK), resolution=128)
+    assert rows["hollowed"]["base_params_analytic"] == plan.kept_params
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = CliRunner().invoke(main, ["bench", "memory", "--cases", "no_such_case", "--out", str(out)])
+    assert run.exit_code == 1 and "unknown case" in run.output

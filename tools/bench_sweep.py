@@ -1,0 +1,11 @@
+"""`hollow-export bench sweep` as a script: python tools/bench_sweep.py [options] (--help lists them).
+
+How each number is measured: the docstring of hollow_export/profile.py, also written into every result.
+"""
+
+import sys
+
+from hollow_export.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "sweep", *sys.argv[1:]]))
