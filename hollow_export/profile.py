@@ -25,6 +25,11 @@ How each number is measured (also written into every result's `method` field):
   path (2 bmm forward, 4 backward): algorithmic FLOPs, without the score recomputation that fused
   attention kernels add in the backward. The backward counts what autograd really computes: frozen
   weights get no weight gradients (the paper's training FLOPs are 3x forward for every row).
+- Low-precision rows (bf16/fp16 frozen weights, LoRA and its AdamW state fp32): on CUDA the case
+  computes natively in that dtype; on CPU (whose fp16/bf16 convolutions run ~300x slower than fp32
+  here) the frozen weights are STORED in that dtype and each layer computes in fp32 over an upcast
+  copy (`store_frozen_weights`), so the row is exactly an fp32 step over rounded weights. Each row
+  reports its loss and LoRA-update difference against the fp32 case, measured in the same run.
 - ORT: each bundle is built in its own subprocess, then measured in a fresh torch-free subprocess
   (ONNX Runtime + numpy, like the phone): RSS after load, peak RSS (`getrusage`), median step time.
 """
@@ -216,6 +221,66 @@ def _checkpointed_net_class():
     return CheckpointedHollowedNet
 
 
+def store_frozen_weights(net, dtype) -> None:
+    """Hold `net`'s frozen weights in `dtype` (fp16/bf16) and compute in fp32, for devices without fast
+    low-precision kernels (this CPU's bf16/fp16 conv is ~300x slower than fp32).
+
+    A module's frozen tensors are upcast when it runs and put back after; the fp32 copies autograd
+    saves for the backward are packed as their low-precision originals and upcast again when the
+    backward unpacks them. Trainable (LoRA) parameters stay fp32. Held weight bytes: those of `dtype`,
+    plus one layer's fp32 copy at a time.
+    """
+    import weakref
+
+    import torch
+    from torch.autograd.graph import saved_tensors_hooks
+
+    copies: dict[int, tuple] = {}  # id(fp32 copy) -> (weakref to it, low-precision original)
+
+    def upcast(module, _inputs):
+        for kind in ("_parameters", "_buffers"):
+            for name, low in list(getattr(module, kind).items()):
+                if low is not None and low.dtype == dtype and not low.requires_grad:
+                    full = low.float()
+                    copies[id(full)] = (weakref.ref(full), low)
+                    module.__dict__.setdefault("_stored_low", {})[(kind, name)] = low
+                    getattr(module, kind)[name] = full
+
+    def restore(module, _inputs, _output):
+        for (kind, name), low in module.__dict__.pop("_stored_low", {}).items():
+            copies.pop(id(getattr(module, kind)[name]), None)
+            getattr(module, kind)[name] = low
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        entry = copies.get(id(base))
+        if entry is not None and entry[0]() is base:
+            return ("low", entry[1], t.size(), t.stride(), t.storage_offset())
+        return t
+
+    def unpack(packed):
+        if isinstance(packed, tuple) and packed[0] == "low":
+            _, low, size, stride, offset = packed
+            return low.float().as_strided(size, stride, offset)
+        return packed
+
+    for module in net.modules():
+        frozen = [t for t in list(module._parameters.values()) if t is not None and not t.requires_grad]
+        for t in frozen:
+            t.data = t.data.to(dtype)
+        if frozen:
+            module.register_forward_pre_hook(upcast)
+            module.register_forward_hook(restore)
+    hooks = saved_tensors_hooks(pack, unpack)
+    net.register_forward_pre_hook(lambda *_: hooks.__enter__())
+    net.register_forward_hook(lambda *_: hooks.__exit__(None, None, None))
+
+
+def compute_dtype(case: "Case", device: str) -> str:
+    """What a case computes in: its dtype natively on CUDA; fp32 over low-precision stored weights on CPU."""
+    return case.dtype if device.startswith("cuda") else "fp32"
+
+
 def _torch_dtype(name: str):
     import torch
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
@@ -257,15 +322,17 @@ def build_case(unet, plan, case: Case, device: str = "cpu", step_inputs: list | 
         net = unet.requires_grad_(True)
     else:
         raise BenchError(f"unknown case kind {case.kind}")
-    if case.dtype != "fp32":
+    trainable = [p for p in net.parameters() if p.requires_grad] if case.training else []
+    if not case.training:
+        net.requires_grad_(False)
+    if case.dtype != "fp32" and compute_dtype(case, device) == "fp32":
+        store_frozen_weights(net, _torch_dtype(case.dtype))
+    elif case.dtype != "fp32":
         net.to(_torch_dtype(case.dtype))
         for name, param in net.named_parameters():
             if ".lora_" in name:
                 param.data = param.data.float()
     net.to(device)
-    trainable = [p for p in net.parameters() if p.requires_grad] if case.training else []
-    if not case.training:
-        net.requires_grad_(False)
     return net, trainable
 
 
@@ -292,7 +359,7 @@ def step_inputs_for(arch: str, plan, steps: int, seed: int = 0) -> list[dict]:
 def run_step(net, case: Case, item: dict, optimizer, device: str):
     """One step of `case`: a forward (no grad), or forward + backward + AdamW. Returns (loss or None, output)."""
     import torch
-    dtype = _torch_dtype(case.dtype)
+    dtype = _torch_dtype(compute_dtype(case, device))
     x = item["sample"].to(device, dtype)
     t = item["timestep"].to(device)
     ctx = item["context"].to(device, dtype)
@@ -404,13 +471,18 @@ def _status_kib(field_name: str) -> int | None:
     return None
 
 
-def rss_bytes() -> int:
-    """Current resident set size (Linux /proc; elsewhere the peak so far)."""
-    kib = _status_kib("VmRSS")
+def _status_bytes(field_name: str) -> int:
+    """A /proc/self/status memory field in bytes (elsewhere: the peak RSS so far, from getrusage)."""
+    kib = _status_kib(field_name)
     if kib is None:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return kib * 1024
+
+
+def rss_bytes() -> int:
+    """Current resident set size."""
+    return _status_bytes("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -423,11 +495,8 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_bytes() -> int:
-    kib = _status_kib("VmHWM")
-    if kib is None:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kib * 1024
+    """Peak resident set size since the process started or `reset_peak_rss`."""
+    return _status_bytes("VmHWM")
 
 
 def available_bytes() -> int:
