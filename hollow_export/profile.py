@@ -137,6 +137,7 @@ class Case:
     dtype: str = "fp32"  # precision of the frozen (base) weights and activations; LoRA stays fp32
     checkpoint: bool = False  # activation recomputation per kept unit (hollowed)
     buffer_dtype: str = "fp32"  # how the buffered hidden state is stored (hollowed)
+    fused_step: bool = False  # AdamW step per LoRA tensor inside the backward, its gradient freed at once
     reference: str | None = None  # the fp32 case this one is compared with
     group: str = "paper"  # paper | beyond
 
@@ -170,6 +171,10 @@ def beyond_cases(rank: int) -> list[Case]:
              reference="inference"),
         Case("hollowed_fp16", "hollowed", "Hollowed, frozen fp16 + LoRA fp32", dtype="fp16", **b),
         Case("hollowed_fp16_ckpt", "hollowed", "Hollowed, fp16 + recompute", dtype="fp16", checkpoint=True, **b),
+        Case("hollowed_ckpt_fused", "hollowed", "Hollowed + recompute + step in backward", checkpoint=True,
+             fused_step=True, **b),
+        Case("hollowed_bf16_ckpt_fused", "hollowed", "Hollowed, bf16 + recompute + step in backward", dtype="bf16",
+             checkpoint=True, fused_step=True, **b),
     ]
 
 
@@ -356,6 +361,27 @@ def step_inputs_for(arch: str, plan, steps: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def make_optimizer(case: Case, trainable: list, lr: float):
+    """torch's AdamW over the trainable tensors; with `fused_step`, one AdamW per tensor stepped from its
+    post-accumulate-grad hook (torch's recipe for fusing the step into the backward): every LoRA gradient
+    is applied and freed as soon as it is complete, so the gradients never all exist at once. Returns the
+    optimizer `run_step` calls, or None when the backward itself steps."""
+    import torch
+    if not trainable:
+        return None
+    if not case.fused_step:
+        return torch.optim.AdamW(trainable, lr=lr)
+    per_tensor = {param: torch.optim.AdamW([param], lr=lr) for param in trainable}
+
+    def step(param):
+        per_tensor[param].step()
+        per_tensor[param].zero_grad(set_to_none=True)
+
+    for param in trainable:
+        param.register_post_accumulate_grad_hook(step)
+    return None
+
+
 def run_step(net, case: Case, item: dict, optimizer, device: str):
     """One step of `case`: a forward (no grad), or forward + backward + AdamW. Returns (loss or None, output)."""
     import torch
@@ -372,9 +398,11 @@ def run_step(net, case: Case, item: dict, optimizer, device: str):
     else:
         pred = net(x, t, ctx).sample
     loss = torch.nn.functional.mse_loss(pred.float(), item["target"].to(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # with a fused step, the backward also updates the LoRA tensors
+    if optimizer is not None:
+        optimizer.step()
     return loss.item(), None
 
 
@@ -554,7 +582,7 @@ def _child_case(spec: dict) -> dict:
     if save and case.kind in ("lora", "hollowed"):
         store.save_tensors(Path(save) / f"{case.name}.initial.safetensors",
                            {k: v.detach().float().cpu() for k, v in lora_parameters(net).items()})
-    optimizer = torch.optim.AdamW(trainable, lr=spec["lr"]) if trainable else None
+    optimizer = make_optimizer(case, trainable, spec["lr"])
     gc.collect()
     if cuda:
         torch.cuda.synchronize()

@@ -115,6 +115,40 @@ def test_recompute_and_precision_variants_stay_close_to_fp32():
             assert float((grad - ref_grad).norm() / ref_grad.norm()) < 0.2
 
 
+def test_step_fused_into_the_backward_equals_torch_adamw():
+    """The fused-step row trains exactly like one torch.optim.AdamW over all LoRA tensors."""
+    unet = load_unet(arch="tiny")
+    plan = make_plan(unet, depth=3, lora=LoraSpec(rank=RANK), resolution=128)
+    items = profile.step_inputs_for("tiny", plan, 3)
+    trained = {}
+    for name in ("hollowed", "hollowed_ckpt_fused"):
+        case = _case(name)
+        data = [dict(item) for item in items]
+        torch.manual_seed(0)  # same LoRA initialisation
+        net, trainable = profile.build_case(load_unet(arch="tiny"), plan, case, "cpu", data)
+        optimizer = profile.make_optimizer(case, trainable, lr=1e-2)
+        if name == "hollowed":
+            assert type(optimizer) is torch.optim.AdamW
+            with torch.no_grad():  # B starts at zero: give it values so every tensor gets a real gradient
+                for param in trainable:
+                    param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+            start = [param.detach().clone() for param in trainable]
+        else:
+            assert optimizer is None
+            with torch.no_grad():
+                for param, value in zip(trainable, start):
+                    param.copy_(value)
+        losses = [profile.run_step(net, case, item, optimizer, "cpu")[0] for item in data]
+        if name != "hollowed":
+            assert all(param.grad is None for param in trainable)  # applied and freed inside the backward
+        trained[name] = (losses, [param.detach().clone() for param in trainable])
+    (ref_losses, ref), (losses, fused) = trained["hollowed"], trained["hollowed_ckpt_fused"]
+    assert np.allclose(losses, ref_losses, rtol=1e-6)
+    assert all(not torch.equal(a, b) for a, b in zip(ref, start))  # the steps moved every tensor
+    for a, b in zip(fused, ref):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_memory_table_on_tiny(tmp_path):
     result = profile.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["inference", "hollowed"],
                                   out=tmp_path, log=lambda *_: None)
