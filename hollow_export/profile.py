@@ -276,9 +276,16 @@ def store_frozen_weights(net, dtype) -> None:
         if frozen:
             module.register_forward_pre_hook(upcast)
             module.register_forward_hook(restore)
-    hooks = saved_tensors_hooks(pack, unpack)
-    net.register_forward_pre_hook(lambda *_: hooks.__enter__())
-    net.register_forward_hook(lambda *_: hooks.__exit__(None, None, None))
+    hooks = saved_tensors_hooks(pack, unpack)  # active from the start to the end of `net`'s forward
+
+    def enter_hooks(_module, _inputs):
+        hooks.__enter__()
+
+    def exit_hooks(_module, _inputs, _output):
+        hooks.__exit__(None, None, None)
+
+    net.register_forward_pre_hook(enter_hooks)
+    net.register_forward_hook(exit_hooks)
 
 
 def compute_dtype(case: "Case", device: str) -> str:
@@ -860,7 +867,8 @@ def _fmt_params(n) -> str:
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    def line(cells):
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
