@@ -206,6 +206,25 @@ def test_sweep_on_tiny_writes_json_and_png(tmp_path):
     assert "depth 11" in profile.sweep_text(result)
 
 
+def test_ort_bench_on_tiny_trains_each_bundle_without_torch(tmp_path):
+    result = profile.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, threads=2, out=tmp_path,
+                               log=lambda *_: None)
+    rows = {r["kind"]: r for r in result["rows"]}
+    assert list(rows) == ["hollowed", "lora", "inference"]
+    for kind, r in rows.items():
+        assert "error" not in r, r.get("error")
+        assert r["torch_loaded"] is False  # measured like the phone: ONNX Runtime and numpy only
+        assert 0 < r["held_rss_bytes"] <= r["peak_rss_bytes"] and len(r["step_seconds"]) == 2
+    for kind in ("hollowed", "lora"):
+        assert len(rows[kind]["losses"]) == 2 and np.all(np.isfinite(rows[kind]["losses"]))
+    # the hollowed training graph takes the buffered state; the plain-LoRA one runs the whole U-Net
+    assert "hidden" in rows["hollowed"]["inputs"] and "hidden" not in rows["lora"]["inputs"]
+    ratio = result["ratios"]["hollowed/lora"]["peak_rss"]
+    assert ratio == rows["hollowed"]["peak_rss_bytes"] / rows["lora"]["peak_rss_bytes"]
+    assert open(result["files"]["png"], "rb").read(4) == b"\x89PNG"
+    assert "hollowed/lora" in profile.ort_text(result)
+
+
 # ---------------------------------------------------------------- AI Hub
 
 def _graph(path, inputs, external=None):
