@@ -10,6 +10,7 @@ import click
 
 from .anatomy import TARGET_PRESETS, LoraSpec
 from .errors import HollowError
+from .profile import BENCH_ARCHS
 
 
 class Group(click.Group):
@@ -281,7 +282,7 @@ def _names(csv):
 
 
 @bench.command("memory")
-@click.option("--arch", type=click.Choice(["tiny", "mid", "sd15", "sd21"]), default="tiny", show_default=True,
+@click.option("--arch", type=click.Choice(BENCH_ARCHS), default="tiny", show_default=True,
               help="mid: SD1.5's layout with block_out_channels 128/256/512/512 (bench only).")
 @click.option("--device", default="cpu", show_default=True, help="cpu (peak RSS per fresh process) or cuda.")
 @click.option("--resolution", type=int, default=None, help="Image side in px (default: the arch's).")
@@ -306,7 +307,7 @@ def bench_memory(arch, device, resolution, rank, fraction, depth, steps, cases, 
 
 
 @bench.command("sweep")
-@click.option("--arch", type=click.Choice(["tiny", "mid", "sd15", "sd21"]), default="tiny", show_default=True)
+@click.option("--arch", type=click.Choice(BENCH_ARCHS), default="tiny", show_default=True)
 @click.option("--steps", type=int, default=200, show_default=True, help="Training steps per depth (loss, tiny only).")
 @click.option("--rank", type=int, default=None, help="LoRA rank (default: 4 on tiny, 128 otherwise).")
 @click.option("--resolution", type=int, default=None)
@@ -325,7 +326,7 @@ def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, 
 
 
 @bench.command("ort")
-@click.option("--arch", type=click.Choice(["tiny", "mid", "sd15", "sd21"]), default="tiny", show_default=True)
+@click.option("--arch", type=click.Choice(BENCH_ARCHS), default="tiny", show_default=True)
 @click.option("--resolution", type=int, default=None)
 @click.option("--rank", type=int, default=128, show_default=True)
 @click.option("--fraction", type=float, default=0.4, show_default=True)

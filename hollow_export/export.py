@@ -259,14 +259,17 @@ def training_artifacts(net: nn.Module, args: tuple, input_names: list[str], out:
 
 
 class UNetLoss(nn.Module):
-    """The full U-Net with its loss: the plain-LoRA baseline's training graph (for benchmarks)."""
+    """The full U-Net with its loss: the plain-LoRA baseline's training graph (for benchmarks).
+    Without a target it returns the noise prediction (the full U-Net's inference graph), as HollowedNet does."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states, target):
+    def forward(self, sample, timestep, encoder_hidden_states, target=None):
         prediction = self.unet(sample, timestep, encoder_hidden_states).sample
+        if target is None:
+            return prediction
         return torch.nn.functional.mse_loss(prediction, target)
 
 

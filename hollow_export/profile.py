@@ -1134,28 +1134,11 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------- bench ort
 
-class UNetSample:
-    """Factory for the plain U-Net forward returning the noise prediction (ONNX inference export)."""
-
-    @staticmethod
-    def make(unet):
-        from torch import nn
-
-        class _Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.unet = unet
-
-            def forward(self, sample, timestep, encoder_hidden_states):
-                return self.unet(sample, timestep, encoder_hidden_states).sample
-        return _Net()
-
-
 def _child_ort_build(spec: dict) -> dict:
     """In the child: write one ORT folder (hollowed bundle, plain-LoRA artifacts or U-Net inference graph)."""
     import torch
     torch.set_num_threads(spec["threads"])
-    from .export import BuildSettings, build, export_inference, plain_lora_artifacts
+    from .export import BuildSettings, UNetLoss, build, export_inference, plain_lora_artifacts
 
     started = time.time()
     out = Path(spec["out"])
@@ -1172,8 +1155,8 @@ def _child_ort_build(spec: dict) -> dict:
             plain_lora_artifacts(unet, plan, out, BuildSettings())
         else:
             c, h, w = plan.latent_shape
-            export_inference(UNetSample.make(unet), (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.int64),
-                                                     torch.zeros(1, *plan.encoder_shape)),
+            export_inference(UNetLoss(unet), (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.int64),
+                                              torch.zeros(1, *plan.encoder_shape)),
                              out / "unet.onnx", ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
                              None)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
