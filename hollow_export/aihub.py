@@ -265,7 +265,7 @@ def profile_bundle(bundle_dir: Path, device: str = "Samsung Galaxy S24 (Family)"
 
 
 def profile_text(result: dict) -> str:
-    from .profile import format_table
+    from .bench.report import format_table
     s = result["settings"]
     rows = []
     for r in result["rows"]:

@@ -1,16 +1,21 @@
-"""The bundle format: the contract between the host (`export.py`) and the phone.
+"""The bundle format: the contract between the host (`export/build.py`) and the phone.
 
 In:  a bundle folder.
-Out: its manifest, after checking the format version and every file's size
-     and sha256 (`open_bundle`), and the names both clients agree on.
-Torch-free on purpose: the device runtime (`runtime.py`) and the Kotlin app
-read the same manifest. android_demo/PROTOCOL.md describes it in prose.
+Out: a `Bundle` (`Bundle.from_pretrained(folder)`): its manifest, after checking the format
+     version and every file's size and sha256, its id (the manifest's sha256), its prompt
+     embeddings and noise schedule as numpy arrays; and the file and input names both clients
+     agree on. `make_manifest` + `Bundle.save_pretrained` write a manifest (the build does).
+Torch-free on purpose: the device runtime (`device/`), `merge.py` and the benchmarks read it, and
+the Kotlin core's `Bundle` is its twin. android_demo/PROTOCOL.md describes it in prose.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import store
 from .errors import HollowError
@@ -85,6 +90,11 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     store.write_json(Path(folder) / MANIFEST, manifest)
 
 
+def bundle_id(folder: Path) -> str:
+    """A bundle's id: the sha256 of its manifest.json (buffers, runs and LoRA exports name it)."""
+    return store.sha256(Path(folder) / MANIFEST)
+
+
 def open_bundle(folder: Path, verify: bool = True) -> dict:
     """The manifest of `folder`, refusing a bundle that is incomplete, of another version or tampered."""
     folder = Path(folder)
@@ -107,3 +117,45 @@ def open_bundle(folder: Path, verify: bool = True) -> dict:
                 raise BundleError(f"bundle file {name} fails its sha256 check (corrupted or modified); "
                                   "copy the bundle again or rebuild it")
     return manifest
+
+
+@dataclass
+class Bundle:
+    """An opened bundle: its folder and its checked manifest (the Kotlin core's `Bundle` is the twin)."""
+
+    folder: Path
+    manifest: dict
+
+    @classmethod
+    def from_pretrained(cls, folder: Path, verify: bool = True) -> "Bundle":
+        """Open `folder`, refusing a bundle that is incomplete, of another version or tampered (`verify`)."""
+        return cls(Path(folder), open_bundle(folder, verify))
+
+    def save_pretrained(self, folder: Path | None = None) -> None:
+        """Write the manifest into `folder` (default: the bundle's own), whose files it describes."""
+        write_manifest(self.folder if folder is None else folder, self.manifest)
+
+    @property
+    def id(self) -> str:
+        return bundle_id(self.folder)
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    @property
+    def plan(self) -> dict:
+        return self.manifest["plan"]
+
+    @property
+    def hyper(self) -> dict:
+        return self.manifest["hyper"]
+
+    def prompt_embeddings(self) -> dict[str, np.ndarray]:
+        """`instance` and `class` prompt embeddings, [1, 77, D] float32."""
+        from safetensors.numpy import load_file
+        return load_file(str(self.folder / PROMPTS))
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """The training noise schedule's cumulative alphas, float32."""
+        from safetensors.numpy import load_file
+        return load_file(str(self.folder / SCHEDULE))["alphas_cumprod"].astype(np.float32)

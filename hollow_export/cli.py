@@ -1,4 +1,9 @@
-"""The `hollow-export` command: one thin click command per stage, no logic of its own."""
+"""The `hollow-export` command: parses options and calls one library function per command.
+
+In:  the command line. Out: that function's result, printed in a line or a table. Defaults that
+belong to the data (plan fraction, the bundle's samples and steps, the base model of a bundle,
+file names) live in the library, not here.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from .anatomy import TARGET_PRESETS, LoraSpec
 from .errors import HollowError
-from .profile import BENCH_ARCHS
+from .hollow.plan import TARGET_PRESETS
+from .models.registry import ARCHS, BENCH_ARCHS
 
 
 class Group(click.Group):
@@ -24,7 +29,7 @@ class Group(click.Group):
 
 
 def model_options(f):
-    f = click.option("--arch", type=click.Choice(["tiny", "sd15", "sd21"]), default=None,
+    f = click.option("--arch", type=click.Choice(ARCHS), default=None,
                      help="Built-in architecture (random weights for sd15/sd21). Default: tiny.")(f)
     f = click.option("--model", type=click.Path(), default=None,
                      help="Local diffusers Stable Diffusion folder (loaded with from_pretrained, local files only).")(f)
@@ -48,13 +53,10 @@ def plan_options(f):
     return f
 
 
-def make_plan(unet, fraction, depth, rank, alpha, targets, blocks, resolution):
-    from .anatomy import make_plan as plan_fn
-    if fraction is None and depth is None:
-        fraction = 0.4
-    spec = LoraSpec(rank=rank, alpha=alpha, targets=targets,
-                    blocks=tuple(b.strip() for b in blocks.split(",") if b.strip()))
-    return plan_fn(unet, depth=depth, fraction=fraction, lora=spec, resolution=resolution)
+def plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution) -> dict:
+    """The plan options as `hollow.plan.plan_from_options` takes them."""
+    return dict(fraction=fraction, depth=depth, rank=rank, alpha=alpha, targets=targets, blocks=blocks,
+                resolution=resolution)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,10 +70,8 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
 def plan(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution, as_json):
     """Show what is hollowed and kept, parameter counts, LoRA size and buffer shape."""
-    from .anatomy import plan_table
-    from .models import load_unet
-    unet = load_unet(model, arch, meta=True)
-    p = make_plan(unet, fraction, depth, rank, alpha, targets, blocks, resolution)
+    from .hollow.plan import plan_for_model, plan_table
+    p = plan_for_model(model, arch, **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else plan_table(p))
 
 
@@ -93,13 +93,11 @@ def plan(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution,
 def personalize(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution, images,
                 instance_prompt, class_prompt, method, steps, samples, lr, batch_size, seed, device, out):
     """Host reference trainer: collection (precompute buffer) then LoRA fine-tuning."""
-    from .models import load_pipeline
-    from .personalize import TrainSettings, personalize as run
-    pipe = load_pipeline(model, arch)
-    p = make_plan(pipe.unet, fraction, depth, rank, alpha, targets, blocks, resolution)
+    from .train.trainer import TrainSettings, personalize_from_options
     settings = TrainSettings(method=method, steps=steps, samples=samples, lr=lr, batch_size=batch_size,
                              seed=seed, device=device)
-    record = run(pipe, p, Path(images), instance_prompt, class_prompt, Path(out), settings)
+    record = personalize_from_options(Path(images), instance_prompt, class_prompt, Path(out), settings, model, arch,
+                                      **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
     click.echo(f"{method}: fixed-batch loss {record['fixed_batch_loss_before']:.5f} -> "
                f"{record['fixed_batch_loss_after']:.5f}; peak memory {record['peak_memory_bytes'] / 2**20:.0f} MiB "
                f"({record['peak_memory_kind']}); LoRA written to {Path(out) / record['lora_file']}")
@@ -121,28 +119,9 @@ def personalize(model, arch, fraction, depth, rank, alpha, targets, blocks, reso
               help="PNG path; with several prompts, _N is added per prompt and _sheet for the contact sheet.")
 def generate(model, arch, lora_dir, prompt, engine, inference, class_prompt, steps, guidance, seed, out):
     """Generate images with the personalized model, dual or single path."""
-    from .generate import contact_sheet, generate as run_torch, generate_ort
-    from .store import atomic_path
-    if engine == "torch":
-        from .models import load_pipeline
-        pipe = load_pipeline(model, arch)
-    out = Path(out)
-    images = []
-    for i, text in enumerate(prompt):
-        if engine == "torch":
-            image = run_torch(pipe, Path(lora_dir), text, inference, steps, guidance, seed, class_prompt)
-        else:
-            image = generate_ort(Path(lora_dir), text, inference, steps, guidance, seed)
-        images.append(image)
-        target = out if len(prompt) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
-        with atomic_path(target) as tmp:
-            image.save(tmp, format="PNG")
-        click.echo(f"wrote {target}")
-    if len(images) > 1:
-        target = out.with_name(f"{out.stem}_sheet{out.suffix}")
-        with atomic_path(target) as tmp:
-            contact_sheet(images).save(tmp, format="PNG")
-        click.echo(f"wrote {target}")
+    from .inference.generate import generate_files
+    generate_files(Path(lora_dir), list(prompt), Path(out), engine, inference, steps, guidance, seed, class_prompt,
+                   model, arch, log=click.echo)
 
 
 @main.command()
@@ -153,14 +132,8 @@ def generate(model, arch, lora_dir, prompt, engine, inference, class_prompt, ste
 @click.option("--out", type=click.Path(), default="runs/merged", show_default=True)
 def merge(bundle_dir, lora_file, model, out):
     """Merge the returned LoRA: diffusers LoRA file, single-path (optimum layout) and dual-path ONNX."""
-    from .bundle import open_bundle
-    from .merge import merge as run
-    from .models import load_pipeline
-    identity = open_bundle(bundle_dir, verify=False)["model"]
-    if model is None and identity.get("source") == "local":
-        model = identity["path"]
-    arch = None if model else identity.get("source", "tiny")
-    record = run(load_pipeline(model, arch), Path(bundle_dir), Path(lora_file), Path(out))
+    from .merge import merge_bundle
+    record = merge_bundle(Path(bundle_dir), Path(lora_file), Path(out), model)
     click.echo(f"merged into {out}: {record['lora_file']}, single/ (optimum ONNX layout), dual/")
 
 
@@ -197,13 +170,11 @@ def evaluate(generated, reference, prompts, clip_path, dino_path, out):
 def build(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution, instance_prompt, class_prompt,
           lr, beta1, beta2, eps, weight_decay, steps, samples, seed, out):
     """Write the on-device bundle: precompute graph, ORT training artifacts, manifest."""
-    from .export import BuildSettings, build as run
-    from .models import load_pipeline, model_identity
-    pipe = load_pipeline(model, arch)
-    p = make_plan(pipe.unet, fraction, depth, rank, alpha, targets, blocks, resolution)
+    from .export.build import BuildSettings, build_bundle
     settings = BuildSettings(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, steps=steps,
                              samples=samples, seed=seed)
-    manifest = run(pipe, p, Path(out), instance_prompt, class_prompt, settings, model_identity(model, arch))
+    manifest, p = build_bundle(Path(out), instance_prompt, class_prompt, settings, model, arch,
+                               **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
     size = sum(f["bytes"] for f in manifest["files"].values())
     click.echo(f"bundle {out}: depth {p.depth} ({p.hollowed_fraction:.1%} hollowed), LoRA rank {p.lora.rank} "
                f"({p.lora_params:,} params), {len(manifest['files'])} files, {size / 2**20:.1f} MiB, "
@@ -224,9 +195,7 @@ def device():
 @click.option("--fp16", is_flag=True, help="Store noise and hidden states in float16 (half the buffer).")
 def device_collect(bundle_dir, images, buffer_path, samples, seed, fp16):
     """Encode the photos, draw noise and timesteps, buffer the precompute graph's hidden states."""
-    from .bundle import open_bundle
-    from .runtime import collect
-    samples = samples or open_bundle(bundle_dir, verify=False)["hyper"]["samples"]
+    from .device.collect import collect
     header = collect(Path(bundle_dir), Path(images), Path(buffer_path), samples, seed,
                      "float16" if fp16 else "float32")
     click.echo(f"buffer {buffer_path}: {header.capacity} samples, {header.record_bytes} bytes each ({header.dtype})")
@@ -243,9 +212,7 @@ def device_collect(bundle_dir, images, buffer_path, samples, seed, fp16):
 @click.option("--lr", type=float, default=None, help="Override the bundle's learning rate.")
 def device_train(bundle_dir, buffer_path, run_dir, steps, max_minutes, checkpoint_every, lr):
     """Train LoRA over the buffer with ORT's training API; resumable after any interruption."""
-    from .bundle import open_bundle
-    from .runtime import TrainConfig, train
-    steps = steps or open_bundle(bundle_dir, verify=False)["hyper"]["steps"]
+    from .device.train import TrainConfig, train
     progress = train(Path(bundle_dir), Path(buffer_path), Path(run_dir),
                      TrainConfig(steps=steps, checkpoint_every=checkpoint_every, max_minutes=max_minutes, lr=lr))
     losses = progress["losses"]
@@ -262,7 +229,7 @@ def device_train(bundle_dir, buffer_path, run_dir, steps, max_minutes, checkpoin
 @click.option("--out", default="runs/lora", show_default=True, type=click.Path())
 def device_export(bundle_dir, checkpoint, out):
     """Write the trained LoRA (tensors only, full-U-Net names, with its hash): what the phone sends back."""
-    from .runtime import export_lora
+    from .device.export import export_lora
     record = export_lora(Path(bundle_dir), Path(checkpoint), Path(out))
     click.echo(f"wrote {Path(out) / record['file']} ({record['tensors']} tensors, sha256 {record['sha256'][:16]}...)")
 
@@ -299,11 +266,11 @@ def _names(csv):
 def bench_memory(arch, device, resolution, rank, fraction, depth, steps, cases, no_measure, merge, threads,
                  timeout, out):
     """The paper's Table 1: params, peak memory and FLOPs per step, each case in a fresh process."""
-    from . import profile
-    result = profile.memory_table(arch=arch, device=device, resolution=resolution, rank=rank, fraction=fraction,
-                                  depth=depth, steps=steps, cases=_names(cases), measure=not no_measure,
-                                  out=Path(out), threads=threads, timeout=timeout, merge=merge)
-    _bench_done(result, profile.memory_text)
+    from .bench.memory import memory_table, memory_text
+    result = memory_table(arch=arch, device=device, resolution=resolution, rank=rank, fraction=fraction,
+                          depth=depth, steps=steps, cases=_names(cases), measure=not no_measure,
+                          out=Path(out), threads=threads, timeout=timeout, merge=merge)
+    _bench_done(result, memory_text)
 
 
 @bench.command("sweep")
@@ -319,10 +286,10 @@ def bench_memory(arch, device, resolution, rank, fraction, depth, steps, cases, 
 @click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
 def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, threads, out):
     """Every hollow depth: hollowed share, training peak, FLOPs and (tiny) the loss (the paper's Figure 5)."""
-    from . import profile
-    result = profile.sweep(arch=arch, steps=steps, rank=rank, resolution=resolution, measure=not no_measure,
-                           device=device, samples=samples, lr=lr, out=Path(out), threads=threads)
-    _bench_done(result, profile.sweep_text)
+    from .bench.sweep import sweep, sweep_text
+    result = sweep(arch=arch, steps=steps, rank=rank, resolution=resolution, measure=not no_measure,
+                   device=device, samples=samples, lr=lr, out=Path(out), threads=threads)
+    _bench_done(result, sweep_text)
 
 
 @bench.command("ort")
@@ -339,11 +306,11 @@ def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, 
 @click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
 def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, timeout, workdir, out):
     """ORT training of the Hollowed Net bundle vs a plain-LoRA bundle vs ORT inference, side by side."""
-    from . import profile
-    result = profile.ort_bench(arch=arch, resolution=resolution, rank=rank, fraction=fraction, depth=depth,
-                               steps=steps, threads=threads, out=Path(out), workdir=workdir, timeout=timeout,
-                               kinds=tuple(_names(engines) or ()))
-    _bench_done(result, profile.ort_text)
+    from .bench.ort import ort_bench, ort_text
+    result = ort_bench(arch=arch, resolution=resolution, rank=rank, fraction=fraction, depth=depth,
+                       steps=steps, threads=threads, out=Path(out), workdir=workdir, timeout=timeout,
+                       kinds=tuple(_names(engines) or ()))
+    _bench_done(result, ort_text)
 
 
 @main.command("profile")

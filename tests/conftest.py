@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded tiny pipeline and a mid-size random SD2-style U-Net."""
+"""Shared fixtures: the embedded tiny pipeline and a small random SD2-style U-Net."""
 
 import os
 import tempfile
@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HOLLOW_EXPORT_CACHE", os.path.join(tempfile.gettempdir(), "hollow-export-test-cache"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-MID_UNET = {
+SMALL_SD2_UNET = {
     "act_fn": "silu",
     "attention_head_dim": [2, 4, 4, 4],
     "block_out_channels": [32, 64, 64, 96],
@@ -27,21 +27,21 @@ MID_UNET = {
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from hollow_export.models import load_pipeline
+    from hollow_export.models.load import load_pipeline
     return load_pipeline(arch="tiny")
 
 
 @pytest.fixture()
 def tiny_unet():
-    from hollow_export.models import load_unet
+    from hollow_export.models.load import load_unet
     return load_unet(arch="tiny")
 
 
 @pytest.fixture()
-def mid_unet():
+def small_sd2_unet():
     from diffusers import UNet2DConditionModel
     torch.manual_seed(3)
-    return UNet2DConditionModel.from_config(MID_UNET).eval()
+    return UNet2DConditionModel.from_config(SMALL_SD2_UNET).eval()
 
 
 def unet_inputs(unet, batch=2, seed=0):
@@ -69,18 +69,18 @@ def feed_buffer(unet, plan, hidden):
     return unet.get_submodule(first).register_forward_pre_hook(hook)
 
 
-def mid_pipeline():
-    """A StableDiffusionPipeline around the mid-size U-Net (tiny VAE and tokenizer, 48-wide text encoder)."""
+def small_sd2_pipeline():
+    """A StableDiffusionPipeline around the small SD2-style U-Net (tiny VAE and tokenizer, 48-wide text encoder)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from hollow_export.models import load_pipeline
+    from hollow_export.models.load import load_pipeline
     tiny = load_pipeline(arch="tiny")
     torch.manual_seed(5)
     text = CLIPTextModel(CLIPTextConfig(hidden_size=48, intermediate_size=96, num_attention_heads=4,
                                         num_hidden_layers=2, vocab_size=514, max_position_embeddings=77,
                                         bos_token_id=512, eos_token_id=513, pad_token_id=513)).eval()
-    unet = UNet2DConditionModel.from_config(MID_UNET).eval()
+    unet = UNet2DConditionModel.from_config(SMALL_SD2_UNET).eval()
     return StableDiffusionPipeline(vae=tiny.vae, text_encoder=text, tokenizer=tiny.tokenizer, unet=unet,
                                    scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -89,9 +89,9 @@ def mid_pipeline():
 @pytest.fixture(scope="session")
 def small_bundle(tmp_path_factory):
     """A rank-4 bundle of the tiny default at depth 3, built once per test session."""
-    from hollow_export.anatomy import LoraSpec, make_plan
-    from hollow_export.export import BuildSettings, build
-    from hollow_export.models import load_pipeline
+    from hollow_export.hollow.plan import LoraSpec, make_plan
+    from hollow_export.export.build import BuildSettings, build
+    from hollow_export.models.load import load_pipeline
     pipe = load_pipeline(arch="tiny")
     plan = make_plan(pipe.unet, depth=3, lora=LoraSpec(rank=4))
     out = tmp_path_factory.mktemp("small") / "bundle"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hollow_export import evaluate as ev
-from hollow_export.models import _clip_byte_tokenizer
+from hollow_export.models.load import _clip_byte_tokenizer
 
 # ---------------------------------------------------------------- metric math
 

@@ -8,25 +8,26 @@ from click.testing import CliRunner
 from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
 from hollow_export import bundle as fmt
-from hollow_export import lora
-from hollow_export.anatomy import LoraSpec, make_plan
+from hollow_export.hollow import lora
+from hollow_export.hollow.plan import LoraSpec, make_plan
 from hollow_export.cli import main
-from hollow_export.export import BuildSettings, GroupNormOps, LayerNormOps, Upsample2xOps, build
-from hollow_export.models import load_pipeline
-from hollow_export.split import HollowedNet, PrecomputeNet
+from hollow_export.export.build import BuildSettings, build
+from hollow_export.export.onnx import GroupNormOps, LayerNormOps, Upsample2xOps
+from hollow_export.models.load import load_pipeline
+from hollow_export.hollow.split import HollowedNet, PrecomputeNet
 
-from conftest import feed_buffer, mid_pipeline
+from conftest import feed_buffer, small_sd2_pipeline
 
 SETTINGS = BuildSettings(lr=1e-3, weight_decay=1e-2)
 
 
-@pytest.fixture(scope="module", params=["tiny", "mid"])
+@pytest.fixture(scope="module", params=["tiny", "small_sd2"])
 def built(request, tmp_path_factory):
-    pipe = load_pipeline(arch="tiny") if request.param == "tiny" else mid_pipeline()
+    pipe = load_pipeline(arch="tiny") if request.param == "tiny" else small_sd2_pipeline()
     plan = make_plan(pipe.unet, depth=3 if request.param == "tiny" else 5, lora=LoraSpec(rank=4, alpha=8.0))
     out = tmp_path_factory.mktemp("bundle") / "b"
     manifest = build(pipe, plan, out, "a sks dog", "a dog", SETTINGS, {"source": request.param})
-    fresh = load_pipeline(arch="tiny") if request.param == "tiny" else mid_pipeline()  # untouched by the build
+    fresh = load_pipeline(arch="tiny") if request.param == "tiny" else small_sd2_pipeline()  # untouched by the build
     return out, manifest, plan, fresh
 
 

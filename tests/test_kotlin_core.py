@@ -19,7 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hollow_export import runtime, store
+from hollow_export import store
+from hollow_export.device import buffer, rng, ort_session
+from hollow_export.device import collect as dcollect
+from hollow_export.device import export as dexport
+from hollow_export.device import train as dtrain
 from hollow_export import bundle as fmt
 
 CORE = Path(__file__).resolve().parents[1] / "android_demo" / "core"
@@ -71,11 +75,11 @@ def test_streams_match_python(kotlin):
     exact, within_ulp, total = 0, 0, 0
     for seed, stream, index in [(0, 1, 0), (7, 2, 5), (3, 3, 0), (2**63 + 5, 4, 17), (2**64 - 1, 2, 123456)]:
         out = kotlin("streams", seed=seed, stream=stream, index=index, count=4099)
-        key = runtime.stream_key(seed, stream, index)
+        key = rng.stream_key(seed, stream, index)
         assert int(out["key"]) == key
-        assert [int(v) for v in out["u64"]] == [int(v) for v in runtime.random_u64(key, 4099)]
+        assert [int(v) for v in out["u64"]] == [int(v) for v in rng.random_u64(key, 4099)]
         ours = np.array(out["normal_bits"], dtype=np.int64)
-        ref = runtime.random_normal(key, 4099).view(np.int32).astype(np.int64)
+        ref = rng.random_normal(key, 4099).view(np.int32).astype(np.int64)
         # float32 values of one sign: adjacent floats differ by 1 in their bit patterns
         ulps = np.abs(ours - ref)
         assert np.all(np.sign(ours) == np.sign(ref)) and ulps.max() <= 1, f"{ulps.max()} ulp"
@@ -89,9 +93,9 @@ def test_streams_match_python(kotlin):
 def test_epoch_orders_and_timesteps_match(kotlin):
     for count in (1, 2, 12, 50, 257):
         for epoch in (0, 1, 5):
-            assert kotlin("order", seed=3, epoch=epoch, count=count)["order"] == runtime.epoch_order(3, epoch, count)
+            assert kotlin("order", seed=3, epoch=epoch, count=count)["order"] == rng.epoch_order(3, epoch, count)
     out = kotlin("timesteps", seed=11, count=300, T=1000)["timesteps"]
-    ref = runtime.random_u64(runtime.stream_key(11, runtime.STREAM_TIMESTEP, 0), 300) % np.uint64(1000)
+    ref = rng.random_u64(rng.stream_key(11, rng.STREAM_TIMESTEP, 0), 300) % np.uint64(1000)
     assert out == [int(t) for t in ref]
 
 
@@ -124,7 +128,7 @@ def test_float_text_is_python_repr(kotlin):
 def test_kotlin_verifies_a_python_bundle_and_refuses_a_flipped_byte(kotlin, small_bundle, tmp_path):
     out = kotlin("verify-bundle", bundle=small_bundle)
     manifest = fmt.open_bundle(small_bundle)
-    assert out["id"] == runtime.bundle_id(small_bundle)
+    assert out["id"] == fmt.bundle_id(small_bundle)
     assert out["files"] == len(manifest["files"]) and out["lora"] == len(manifest["lora"])
     assert out["latent_shape"] == manifest["plan"]["latent_shape"]
     assert out["buffer_shape"] == manifest["plan"]["buffer_shape"]
@@ -158,16 +162,16 @@ def buffers(small_bundle, photo_dir, tmp_path_factory):
     out = {}
     for dtype in ("float32", "float16"):
         path = folder / f"{dtype}.bin"
-        runtime.collect(small_bundle, photo_dir, path, samples=6, seed=3, dtype=dtype, progress=False)
+        dcollect.collect(small_bundle, photo_dir, path, samples=6, seed=3, dtype=dtype, progress=False)
         out[dtype] = path
     return out
 
 
 def test_kotlin_reads_python_buffers(kotlin, small_bundle, buffers, tmp_path):
-    bundle_id = runtime.bundle_id(small_bundle)
+    bundle_id = fmt.bundle_id(small_bundle)
     for dtype, path in buffers.items():
         out = kotlin("read-buffer", buffer=path, bundle_id=bundle_id, out=tmp_path / "r.bin")
-        reader = runtime.BufferReader(path, bundle_id)
+        reader = buffer.BufferReader(path, bundle_id)
         header = reader.header
         assert out["header_json"].encode() == header.to_bytes()[12:]
         assert out["dtype"] == dtype and out["capacity"] == 6 and out["record_bytes"] == header.record_bytes
@@ -189,9 +193,9 @@ def test_kotlin_reads_python_buffers(kotlin, small_bundle, buffers, tmp_path):
 
 
 def test_kotlin_written_buffer_is_python_identical_and_trains(kotlin, small_bundle, buffers, tmp_path):
-    bundle_id = runtime.bundle_id(small_bundle)
+    bundle_id = fmt.bundle_id(small_bundle)
     for dtype, path in buffers.items():
-        reader = runtime.BufferReader(path, bundle_id)
+        reader = buffer.BufferReader(path, bundle_id)
         header = reader.header
         records = [reader[i] for i in range(len(reader))]
         reader.close()
@@ -210,35 +214,35 @@ def test_kotlin_written_buffer_is_python_identical_and_trains(kotlin, small_bund
                         timesteps=timesteps, out=out_file)
         assert second["resumed_at"] == 3 and second["done"] == 6
         assert out_file.read_bytes() == path.read_bytes()
-        runtime.BufferReader(out_file, bundle_id).close()  # Python accepts it (every crc and index)
+        buffer.BufferReader(out_file, bundle_id).close()  # Python accepts it (every crc and index)
 
-    progress = runtime.train(small_bundle, tmp_path / "kt-float16.bin", tmp_path / "run",
-                             runtime.TrainConfig(steps=2, checkpoint_every=1, progress=False))
+    progress = dtrain.train(small_bundle, tmp_path / "kt-float16.bin", tmp_path / "run",
+                             dtrain.TrainConfig(steps=2, checkpoint_every=1, progress=False))
     assert progress["finished"] and len(progress["losses"]) == 2 and np.all(np.isfinite(progress["losses"]))
 
 
 def test_training_inputs_match_python_batch(kotlin, small_bundle, buffers, tmp_path):
     manifest = fmt.open_bundle(small_bundle, verify=False)
-    acp = runtime._alphas_cumprod(small_bundle)
-    instance = runtime._prompts(small_bundle)["instance"]
+    acp = fmt.Bundle.from_pretrained(small_bundle).alphas_cumprod()
+    instance = fmt.Bundle.from_pretrained(small_bundle).prompt_embeddings()["instance"]
     seed = manifest["hyper"]["seed"]
-    bundle_id = runtime.bundle_id(small_bundle)
+    bundle_id = fmt.bundle_id(small_bundle)
     for path, prediction, batch, steps in [(buffers["float32"], "epsilon", 1, 14),
                                            (buffers["float16"], "v_prediction", 2, 7)]:
         out = kotlin("train-inputs", bundle=small_bundle, buffer=path, steps=steps, prediction_type=prediction,
                      batch=batch, out=tmp_path / "inputs.bin")
         assert out["lr"] == pytest.approx(manifest["hyper"]["lr"], rel=1e-7)
-        reader = runtime.BufferReader(path, bundle_id)
+        reader = buffer.BufferReader(path, bundle_id)
         sample_n = int(np.prod(out["sample_shape"]))
         hidden_n = int(np.prod(out["hidden_shape"]))
         enc_n = int(np.prod(out["encoder_shape"]))
         per = 2 * sample_n + hidden_n + enc_n
         values = f32(tmp_path / "inputs.bin", (steps, per))
         for step in range(steps):  # crosses epoch boundaries (6 records)
-            sample, timestep, ehs, hidden, target = runtime._batch(reader, acp, instance, seed, step, batch,
+            sample, timestep, ehs, hidden, target = dtrain._batch(reader, acp, instance, seed, step, batch,
                                                                    prediction)
             n = len(reader)
-            expected = [runtime.epoch_order(seed, (step * batch + k) // n, n)[(step * batch + k) % n]
+            expected = [rng.epoch_order(seed, (step * batch + k) // n, n)[(step * batch + k) % n]
                         for k in range(batch)]
             assert out["records"][step] == expected
             assert out["timesteps"][step] == timestep.tolist()
@@ -260,7 +264,7 @@ def test_run_folders_resume_across_languages(kotlin, small_bundle, buffers, tmp_
     seed = manifest["hyper"]["seed"]
 
     def expected_records(steps):
-        return [[runtime.epoch_order(seed, s // 6, 6)[s % 6]] for s in steps]
+        return [[rng.epoch_order(seed, s // 6, 6)[s % 6]] for s in steps]
 
     # Kotlin's loop (a recording engine that saves the bundle's initial checkpoint) stops at step 3
     run = tmp_path / "kt-run"
@@ -271,7 +275,7 @@ def test_run_folders_resume_across_languages(kotlin, small_bundle, buffers, tmp_
     assert out["records"] == expected_records(range(3))
     assert out["lr"] == pytest.approx(manifest["hyper"]["lr"], rel=1e-7)
     # ... and Python's reference resumes that run folder to the end
-    progress = runtime.train(small_bundle, buffer, run, runtime.TrainConfig(steps=6, checkpoint_every=2,
+    progress = dtrain.train(small_bundle, buffer, run, dtrain.TrainConfig(steps=6, checkpoint_every=2,
                                                                            progress=False))
     assert progress["step"] == 6 and progress["finished"] and len(progress["losses"]) == 6
     assert progress["losses"][:3] == pytest.approx([0.25, 0.251, 0.252])
@@ -282,7 +286,7 @@ def test_run_folders_resume_across_languages(kotlin, small_bundle, buffers, tmp_
     assert out["loaded"] == "checkpoint-000006" and out["step"] == 9 and out["finished"]
     assert out["records"] == expected_records(range(6, 9))
     assert out["files"] == ["checkpoint-000008", "checkpoint-000009", "progress.json"]
-    assert runtime.read_progress(run)["losses"][:6] == progress["losses"]
+    assert dtrain.read_progress(run)["losses"][:6] == progress["losses"]
     (run / "checkpoint-000009").write_bytes(b"tampered")
     err = kotlin("fake-train", bundle=small_bundle, buffer=buffer, run=run, steps=10, expect_error=True)
     assert "checkpoint-000009 is missing or fails its hash" in err["error"]
@@ -290,19 +294,19 @@ def test_run_folders_resume_across_languages(kotlin, small_bundle, buffers, tmp_
 
 def _lora_files(folder):
     from safetensors import safe_open
-    record = json.loads((folder / runtime.LORA_RECORD).read_text())
-    tensors = store.load_tensors(folder / runtime.LORA_EXPORT, record["sha256"])
-    with safe_open(str(folder / runtime.LORA_EXPORT), "pt") as f:
+    record = json.loads((folder / dexport.LORA_RECORD).read_text())
+    tensors = store.load_tensors(folder / dexport.LORA_EXPORT, record["sha256"])
+    with safe_open(str(folder / dexport.LORA_EXPORT), "pt") as f:
         metadata = f.metadata()
     return record, tensors, metadata
 
 
 def test_lora_export_matches_python(kotlin, small_bundle, buffers, tmp_path):
     run = tmp_path / "run"
-    runtime.train(small_bundle, buffers["float32"], run, runtime.TrainConfig(steps=2, checkpoint_every=2,
+    dtrain.train(small_bundle, buffers["float32"], run, dtrain.TrainConfig(steps=2, checkpoint_every=2,
                                                                              progress=False))
     py_out, kt_out, given_out = tmp_path / "py", tmp_path / "kt", tmp_path / "given"
-    runtime.export_lora(small_bundle, run, py_out)
+    dexport.export_lora(small_bundle, run, py_out)
     kotlin("write-lora", bundle=small_bundle, checkpoint=run, out=kt_out)  # reads the ORT checkpoint itself
     py_record, py_tensors, py_meta = _lora_files(py_out)
     kt_record, kt_tensors, kt_meta = _lora_files(kt_out)
@@ -317,7 +321,7 @@ def test_lora_export_matches_python(kotlin, small_bundle, buffers, tmp_path):
     assert any(float(v.abs().sum()) > 0 for k, v in kt_tensors.items() if "lora_B" in k)
 
     # tensors handed over by Python (not from a checkpoint) come out the same too
-    kotlin("write-lora", bundle=small_bundle, tensors=py_out / runtime.LORA_EXPORT, checkpoint_name="given",
+    kotlin("write-lora", bundle=small_bundle, tensors=py_out / dexport.LORA_EXPORT, checkpoint_name="given",
            out=given_out)
     given_record, given_tensors, given_meta = _lora_files(given_out)
     assert given_meta == py_meta and given_record["checkpoint"] == "given"
@@ -454,7 +458,7 @@ def test_collection_matches_python_byte_for_byte(kotlin, small_bundle, photo_dir
     monkeypatch.setattr(runtime, "_session", lambda path: _FakeSession(path, buffer_shape))
     for dtype in ("float32", "float16"):
         ref = tmp_path / f"py-{dtype}.bin"
-        runtime.collect(small_bundle, photo_dir, ref, samples=7, seed=5, dtype=dtype, progress=False)
+        dcollect.collect(small_bundle, photo_dir, ref, samples=7, seed=5, dtype=dtype, progress=False)
         ours = tmp_path / f"kt-{dtype}.bin"
         first = kotlin("fake-collect", bundle=small_bundle, images=photo_dir, buffer=ours, samples=7, seed=5,
                        dtype=dtype, stop_after=4)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from hollow_export import lora
-from hollow_export.anatomy import LoraSpec, make_plan
-from hollow_export.models import load_pipeline
-from hollow_export.split import HollowedNet, PrecomputeNet
+from hollow_export.hollow import lora
+from hollow_export.hollow.plan import LoraSpec, make_plan
+from hollow_export.models.load import load_pipeline
+from hollow_export.hollow.split import HollowedNet, PrecomputeNet
 
 from conftest import feed_buffer, unet_inputs
 
@@ -49,11 +49,11 @@ def test_lora_file_loads_into_full_unet_and_reproduces_hollowed_output(tmp_path,
     assert (with_lora_no_buffer - plain).abs().max().item() > 1e-2  # the LoRA changes the output
 
 
-def test_load_into_refuses_foreign_lora(mid_unet, tiny_unet):
+def test_load_into_refuses_foreign_lora(small_sd2_unet, tiny_unet):
     plan = make_plan(tiny_unet, depth=3, lora=LoraSpec(rank=4))
     state = lora.lora_state(_trained_lora(tiny_unet, plan))
     with pytest.raises(lora.LoraError, match="does not belong to this U-Net"):
-        lora.load_into(mid_unet, state, plan.lora)
+        lora.load_into(small_sd2_unet, state, plan.lora)
 
 
 def test_only_lora_is_trainable_and_starts_as_identity(tiny_unet):

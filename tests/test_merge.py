@@ -10,20 +10,24 @@ import pytest
 import torch
 
 from hollow_export import bundle as fmt
-from hollow_export import lora, runtime
-from hollow_export.anatomy import HollowPlan, LoraSpec, make_plan
-from hollow_export.export import BuildSettings, build
+from hollow_export.hollow import lora
+from hollow_export.device import buffer, rng, ort_session
+from hollow_export.device import collect as dcollect
+from hollow_export.device import export as dexport
+from hollow_export.device import train as dtrain
+from hollow_export.hollow.plan import HollowPlan, LoraSpec, make_plan
+from hollow_export.export.build import BuildSettings, build
 from hollow_export.merge import MergeError, merge
-from hollow_export.models import load_pipeline
-from hollow_export.personalize import encode_prompt
-from hollow_export.split import HollowedNet, PrecomputeNet, unet_forward
+from hollow_export.models.load import load_pipeline
+from hollow_export.models.prompts import encode_prompt
+from hollow_export.hollow.split import HollowedNet, PrecomputeNet, unet_forward
 
-from conftest import mid_pipeline, unet_inputs
+from conftest import small_sd2_pipeline, unet_inputs
 
 
 def phone_lora(bundle, out, seed=0):
     """What a phone sends back, made with the runtime's own export from a checkpoint with non-zero LoRA B."""
-    api = runtime.training_api()
+    api = ort_session.training_api()
     state = api.CheckpointState.load_checkpoint(str(bundle / fmt.CHECKPOINT))
     module = api.Module(str(bundle / fmt.TRAINING_MODEL), state, str(bundle / fmt.EVAL_MODEL))
     g = np.random.default_rng(seed)
@@ -32,13 +36,13 @@ def phone_lora(bundle, out, seed=0):
             state.parameters[item["name"]] = (g.standard_normal(item["shape"]) * 0.2).astype(np.float32)
     del module
     api.CheckpointState.save_checkpoint(state, str(out / "ckpt"))
-    runtime.export_lora(bundle, out / "ckpt", out)
-    return out / runtime.LORA_EXPORT
+    dexport.export_lora(bundle, out / "ckpt", out)
+    return out / dexport.LORA_EXPORT
 
 
-@pytest.fixture(scope="module", params=["tiny", "mid"])
+@pytest.fixture(scope="module", params=["tiny", "small_sd2"])
 def merged(request, tmp_path_factory):
-    make = (lambda: load_pipeline(arch="tiny")) if request.param == "tiny" else mid_pipeline
+    make = (lambda: load_pipeline(arch="tiny")) if request.param == "tiny" else small_sd2_pipeline
     pipe = make()
     plan = make_plan(pipe.unet, depth=3 if request.param == "tiny" else 5, lora=LoraSpec(rank=4, alpha=2.0))
     root = tmp_path_factory.mktemp(f"merge-{request.param}")
@@ -123,7 +127,7 @@ def test_optimum_pipeline_runs_the_single_path_export(merged):
 @pytest.mark.parametrize("merged", ["tiny"], indirect=True)
 def test_ort_engine_matches_pytorch_engine(merged):
     root, make, plan, _ = merged
-    from hollow_export.generate import generate, generate_ort
+    from hollow_export.inference.generate import generate, generate_ort
     for path in ("single", "dual"):
         a = np.asarray(generate(make(), root / "merged", "a sks dog", path, steps=3), dtype=np.int16)
         b = np.asarray(generate_ort(root / "merged", "a sks dog", path, steps=3), dtype=np.int16)
@@ -148,7 +152,7 @@ def test_foreign_or_tampered_lora_is_refused_and_nothing_written(merged, tmp_pat
     tensors = load_file(str(lora_file))
     name = next(iter(tensors))
     tensors[name] = torch.zeros(tensors[name].shape[0] + 1, *tensors[name].shape[1:])
-    bad = tmp_path / "bad" / runtime.LORA_EXPORT
+    bad = tmp_path / "bad" / dexport.LORA_EXPORT
     bad.parent.mkdir()
     save_file(tensors, str(bad), metadata=metadata)
     with pytest.raises(MergeError, match="of another shape"):

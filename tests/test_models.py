@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from hollow_export.cli import main
-from hollow_export.models import ModelError, load_pipeline, load_unet, materialize
+from hollow_export.models.load import ModelError, load_pipeline, load_unet, materialize
 
 
 def test_tiny_default_is_a_diffusers_folder_loaded_like_a_users(tmp_path):

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from hollow_export.anatomy import make_plan, max_depth, walk
-from hollow_export.split import HollowedNet, PrecomputeNet, unet_forward
+from hollow_export.hollow.plan import make_plan, max_depth, walk
+from hollow_export.hollow.split import HollowedNet, PrecomputeNet, unet_forward
 
 from conftest import unet_inputs
 
 
-@pytest.mark.parametrize("which", ["tiny_unet", "mid_unet"])
+@pytest.mark.parametrize("which", ["tiny_unet", "small_sd2_unet"])
 def test_every_depth_is_exact(which, request):
     unet = request.getfixturevalue(which)
     x, t, e = unet_inputs(unet)
@@ -24,15 +24,15 @@ def test_every_depth_is_exact(which, request):
             assert (unet_forward(unet, plan, x, t, e) - reference).abs().max().item() <= 1e-5
 
 
-def test_nets_hold_only_their_modules_under_original_names(mid_unet):
-    plan = make_plan(mid_unet, depth=3)
-    unet_params = dict(mid_unet.named_parameters())
-    pre = dict(PrecomputeNet(mid_unet, plan).named_parameters())
-    hol = dict(HollowedNet(mid_unet, plan).named_parameters())
+def test_nets_hold_only_their_modules_under_original_names(small_sd2_unet):
+    plan = make_plan(small_sd2_unet, depth=3)
+    unet_params = dict(small_sd2_unet.named_parameters())
+    pre = dict(PrecomputeNet(small_sd2_unet, plan).named_parameters())
+    hol = dict(HollowedNet(small_sd2_unet, plan).named_parameters())
     assert all(unet_params[n] is p for n, p in {**pre, **hol}.items())  # same tensors, same names
     kept_up = [u.modules[0] for u in plan.kept_units if u.kind in ("up", "upsample")] + ["conv_out"]
     assert not any(n.startswith(tuple(kept_up)) for n in pre)
-    assert not any(n.startswith(tuple(plan.hollowed)) for n in hol)
+    assert not any(n.startswith(tuple(plan.hollowed_modules)) for n in hol)
     assert sum(p.numel() for p in hol.values()) == plan.kept_params
     assert sum(p.numel() for p in pre.values()) == plan.precompute_params
 

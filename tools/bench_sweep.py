@@ -1,6 +1,6 @@
 """`hollow-export bench sweep` as a script: python tools/bench_sweep.py [options] (--help lists them).
 
-How each number is measured: the docstring of hollow_export/profile.py, also written into every result.
+How each number is measured: `METHOD` in hollow_export/bench/measure.py, also written into every result.
 """
 
 import sys

@@ -16,10 +16,14 @@ import torch
 from click.testing import CliRunner
 
 from hollow_export import bundle as fmt
-from hollow_export import lora, runtime
-from hollow_export.anatomy import HollowPlan
+from hollow_export.hollow import lora
+from hollow_export.device import buffer, rng, ort_session
+from hollow_export.device import collect as dcollect
+from hollow_export.device import export as dexport
+from hollow_export.device import train as dtrain
+from hollow_export.hollow.plan import HollowPlan
 from hollow_export.cli import main
-from hollow_export.models import load_pipeline
+from hollow_export.models.load import load_pipeline
 
 from conftest import feed_buffer
 
@@ -29,17 +33,17 @@ STEPS = 24
 @pytest.fixture(scope="module")
 def collected(small_bundle, photo_dir, tmp_path_factory):
     buffer = tmp_path_factory.mktemp("buf") / "buffer.bin"
-    runtime.collect(small_bundle, photo_dir, buffer, samples=12, seed=3, progress=False)
+    dcollect.collect(small_bundle, photo_dir, buffer, samples=12, seed=3, progress=False)
     return buffer
 
 
 @pytest.fixture(scope="module")
 def trained(small_bundle, collected, tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "run"
-    progress = runtime.train(small_bundle, collected, run, runtime.TrainConfig(steps=STEPS, checkpoint_every=8,
+    progress = dtrain.train(small_bundle, collected, run, dtrain.TrainConfig(steps=STEPS, checkpoint_every=8,
                                                                                progress=False))
     out = tmp_path_factory.mktemp("lora")
-    runtime.export_lora(small_bundle, run, out)
+    dexport.export_lora(small_bundle, run, out)
     return run, progress, out
 
 
@@ -52,23 +56,23 @@ def test_random_streams_are_the_documented_splitmix64():
     g = 0x9E3779B97F4A7C15
     key = mix((mix((7 + 2 * g) % 2**64) + 5 * g) % 2**64)
     expected = [mix((key + (j + 1) * g) % 2**64) for j in range(6)]
-    assert runtime.stream_key(7, 2, 5) == key
-    assert [int(v) for v in runtime.random_u64(key, 6)] == expected
-    z = runtime.random_normal(key, 20000).astype(np.float64)
+    assert rng.stream_key(7, 2, 5) == key
+    assert [int(v) for v in rng.random_u64(key, 6)] == expected
+    z = rng.random_normal(key, 20000).astype(np.float64)
     assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
-    order = runtime.epoch_order(1, 0, 50)
+    order = rng.epoch_order(1, 0, 50)
     assert sorted(order) == list(range(50)) and order != list(range(50))
-    assert order == runtime.epoch_order(1, 0, 50) and order != runtime.epoch_order(1, 1, 50)
+    assert order == rng.epoch_order(1, 0, 50) and order != rng.epoch_order(1, 1, 50)
 
 
 def test_buffer_records_match_the_precompute_graph(small_bundle, collected):
     """Each buffered hidden state is what precompute.onnx gives for the stored recipe (independent session)."""
     import onnxruntime as ort
     manifest = fmt.open_bundle(small_bundle)
-    reader = runtime.BufferReader(collected, runtime.bundle_id(small_bundle))
+    reader = buffer.BufferReader(collected, fmt.bundle_id(small_bundle))
     session = ort.InferenceSession(str(small_bundle / fmt.PRECOMPUTE))
     acp = pipe_acp()
-    klass = runtime._prompts(small_bundle)["class"]
+    klass = fmt.Bundle.from_pretrained(small_bundle).prompt_embeddings()["class"]
     assert len(reader) == 12
     for i in (0, 5, 11):
         r = reader[i]
@@ -90,17 +94,17 @@ def test_trained_lora_transfers_to_full_unet_and_loss_falls(small_bundle, collec
     losses = progress["losses"]
     assert len(losses) == STEPS and progress["finished"]
     assert np.mean(losses[-6:]) < np.mean(losses[:6])
-    record = json.loads((out / runtime.LORA_RECORD).read_text())
+    record = json.loads((out / dexport.LORA_RECORD).read_text())
     from hollow_export.store import load_tensors
-    state = load_tensors(out / runtime.LORA_EXPORT, record["sha256"])
+    state = load_tensors(out / dexport.LORA_EXPORT, record["sha256"])
 
     manifest = fmt.open_bundle(small_bundle)
     plan = HollowPlan.from_json(manifest["plan"])
     pipe = load_pipeline(arch="tiny")
     lora.load_into(pipe.unet, state, plan.lora)
-    reader = runtime.BufferReader(collected, runtime.bundle_id(small_bundle))
-    instance = torch.from_numpy(runtime._prompts(small_bundle)["instance"])
-    acp = runtime._alphas_cumprod(small_bundle)
+    reader = buffer.BufferReader(collected, fmt.bundle_id(small_bundle))
+    instance = torch.from_numpy(fmt.Bundle.from_pretrained(small_bundle).prompt_embeddings()["instance"])
+    acp = fmt.Bundle.from_pretrained(small_bundle).alphas_cumprod()
 
     from onnxruntime.training.api import CheckpointState, Module
     ckpt = CheckpointState.load_checkpoint(str(run / progress["checkpoint"]))
@@ -108,7 +112,7 @@ def test_trained_lora_transfers_to_full_unet_and_loss_falls(small_bundle, collec
     module.eval()
     for i in range(0, 12, 4):
         r = reader[i]
-        noisy, target = runtime.noisy_and_target(acp, r, "epsilon")
+        noisy, target = dcollect.noisy_and_target(acp, r, "epsilon")
         t = np.array([r["timestep"]], dtype=np.int64)
         ort_loss = float(module(noisy[None], t, instance.numpy(), r["hidden"][None], target[None]))
         handle = feed_buffer(pipe.unet, plan, torch.from_numpy(r["hidden"][None]))
@@ -136,9 +140,9 @@ def _device_cli(*args, **kw):
 
 def test_runtime_runs_without_torch_and_resumes_after_sigkill(small_bundle, collected, trained, tmp_path):
     """Killed at random moments, every resumed run completes and ends with the uninterrupted LoRA."""
-    reference = json.loads((trained[2] / runtime.LORA_RECORD).read_text())
+    reference = json.loads((trained[2] / dexport.LORA_RECORD).read_text())
     from hollow_export.store import load_tensors
-    expected = load_tensors(trained[2] / runtime.LORA_EXPORT)
+    expected = load_tensors(trained[2] / dexport.LORA_EXPORT)
     run = tmp_path / "run"
     rng = random.Random(4)
     args = ["train", "--bundle", small_bundle, "--buffer", collected, "--run", run, "--steps", STEPS,
@@ -160,11 +164,11 @@ def test_runtime_runs_without_torch_and_resumes_after_sigkill(small_bundle, coll
     assert kills >= 1
     proc = _device_cli("export", "--bundle", small_bundle, "--checkpoint", run, "--out", tmp_path / "lora")
     assert proc.wait(timeout=120) == 0, proc.stdout.read()
-    got = load_tensors(tmp_path / "lora" / runtime.LORA_EXPORT)
+    got = load_tensors(tmp_path / "lora" / dexport.LORA_EXPORT)
     assert got.keys() == expected.keys()
     worst = max((got[k] - expected[k]).abs().max().item() for k in got)
     assert worst <= 1e-6, worst
-    assert json.loads((tmp_path / "lora" / runtime.LORA_RECORD).read_text())["tensors"] == reference["tensors"]
+    assert json.loads((tmp_path / "lora" / dexport.LORA_RECORD).read_text())["tensors"] == reference["tensors"]
 
 
 def test_broken_buffers_are_refused_with_the_fix(small_bundle, collected, tmp_path):
@@ -224,13 +228,13 @@ def test_bad_photos(small_bundle, tmp_path, photo_dir):
 DISK_FULL = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
-    from hollow_export import runtime
+    from hollow_export.device import train as dtrain
     from hollow_export.errors import HollowError
     bundle, buffer, run, limit = sys.argv[1:5]
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
     try:
-        runtime.train(Path(bundle), Path(buffer), Path(run), runtime.TrainConfig(steps=8, checkpoint_every=4,
+        dtrain.train(Path(bundle), Path(buffer), Path(run), dtrain.TrainConfig(steps=8, checkpoint_every=4,
                                                                                  progress=False))
     except HollowError as err:
         print("ERROR:", err)
@@ -240,17 +244,17 @@ DISK_FULL = textwrap.dedent("""
 
 def test_full_disk_keeps_earlier_checkpoints(small_bundle, collected, tmp_path):
     run = tmp_path / "run"
-    runtime.train(small_bundle, collected, run, runtime.TrainConfig(steps=4, checkpoint_every=4, progress=False))
-    before = runtime.read_progress(run)
+    dtrain.train(small_bundle, collected, run, dtrain.TrainConfig(steps=4, checkpoint_every=4, progress=False))
+    before = dtrain.read_progress(run)
     size = (run / before["checkpoint"]).stat().st_size
     proc = subprocess.run([sys.executable, "-c", DISK_FULL, str(small_bundle), str(collected), str(run),
                            str(size // 2)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "free disk space" in proc.stdout
-    after = runtime.read_progress(run)
+    after = dtrain.read_progress(run)
     assert after["checkpoint"] == before["checkpoint"] and (run / after["checkpoint"]).exists()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
-    resumed = runtime.train(small_bundle, collected, run, runtime.TrainConfig(steps=8, checkpoint_every=4,
+    resumed = dtrain.train(small_bundle, collected, run, dtrain.TrainConfig(steps=8, checkpoint_every=4,
                                                                               progress=False))
     assert resumed["finished"] and resumed["step"] == 8
 
@@ -258,10 +262,10 @@ def test_full_disk_keeps_earlier_checkpoints(small_bundle, collected, tmp_path):
 def test_fp16_buffer_effect_on_training_loss(small_bundle, photo_dir, collected, trained, tmp_path):
     """fp16 storage halves noise/hidden bytes; the loss curve stays within 2% of the fp32 one."""
     half = tmp_path / "half.bin"
-    header = runtime.collect(small_bundle, photo_dir, half, samples=12, seed=3, dtype="float16", progress=False)
-    full_header, _ = runtime.read_header(collected)
+    header = dcollect.collect(small_bundle, photo_dir, half, samples=12, seed=3, dtype="float16", progress=False)
+    full_header, _ = buffer.read_header(collected)
     assert header.record_bytes < full_header.record_bytes
-    progress = runtime.train(small_bundle, half, tmp_path / "run16", runtime.TrainConfig(steps=STEPS,
+    progress = dtrain.train(small_bundle, half, tmp_path / "run16", dtrain.TrainConfig(steps=STEPS,
                              checkpoint_every=STEPS, progress=False))
     fp32, fp16 = np.array(trained[1]["losses"]), np.array(progress["losses"])
     rel = np.abs(fp16 - fp32).max() / fp32.mean()

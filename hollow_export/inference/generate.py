@@ -3,7 +3,7 @@
 In:  PyTorch engine: a `StableDiffusionPipeline` and a LoRA folder written by `personalize` or
      `merge` (`pytorch_lora_weights.safetensors` + `record.json`). ORT engine: a folder written
      by `merge` (its `single/` and `dual/` graphs). Prompts, steps, guidance, seed.
-Out: PIL images (and a contact sheet of several).
+Out: PIL images (and a contact sheet of several); `generate_files` writes them as PNGs.
 
 Dual path (paper default): the original U-Net without LoRA, fed the class prompt, makes the
 hidden state entering the kept up layers; the kept layers with LoRA and the prompt do the rest.
@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .anatomy import HollowPlan
-from .errors import HollowError
-from .lora import LORA_FILE, adapters_disabled
-from .personalize import encode_prompt
-from .split import HollowedNet, PrecomputeNet, unet_forward
+from .. import store
+from ..errors import HollowError
+from ..hollow.lora import LORA_FILE, adapters_disabled
+from ..hollow.plan import HollowPlan
+from ..hollow.split import HollowedNet, PrecomputeNet, unet_forward
+from ..merge import RECORD
+from ..models.prompts import encode_prompt
 
 INFERENCE_PATHS = ("dual", "single")
 
@@ -42,7 +44,7 @@ def read_record(lora_dir: Path) -> dict:
     lora_dir = Path(lora_dir)
     if not (lora_dir / LORA_FILE).exists():
         raise GenerateError(f"{lora_dir} holds no {LORA_FILE}; pass the --out folder of personalize or merge")
-    record_path = lora_dir / "record.json"
+    record_path = lora_dir / RECORD
     if not record_path.exists():
         raise GenerateError(f"{lora_dir} has no record.json (class prompt and hollow plan); "
                             "pass the --out folder of personalize or merge")
@@ -115,7 +117,7 @@ def generate_ort(merged: Path, prompt: str, path: str = "dual", steps: int = 25,
     import diffusers
     from transformers import CLIPTokenizer
 
-    from .merge import OrtEngine
+    from .engine import OrtEngine
 
     merged = Path(merged)
     record = read_record(merged)
@@ -150,3 +152,45 @@ def contact_sheet(images: list, columns: int = 4):
     for i, image in enumerate(images):
         sheet.paste(image, ((i % columns) * w, (i // columns) * h))
     return sheet
+
+
+ENGINES = ("torch", "ort")
+
+
+def image_paths(out: Path, count: int) -> tuple[list[Path], Path | None]:
+    """Where `count` images go: `out` itself for one; `<stem>_<i>` each and `<stem>_sheet` for several."""
+    out = Path(out)
+    if count == 1:
+        return [out], None
+    return ([out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)],
+            out.with_name(f"{out.stem}_sheet{out.suffix}"))
+
+
+def generate_files(lora_dir: Path, prompts: list[str], out: Path, engine: str = "torch", path: str = "dual",
+                   steps: int = 25, guidance: float = 7.5, seed: int = 0, class_prompt: str | None = None,
+                   model: str | None = None, arch: str | None = None, log=print) -> list[Path]:
+    """`hollow-export generate`: one PNG per prompt (and a contact sheet for several), written atomically."""
+    if engine == "torch":
+        from ..models.load import load_pipeline
+        pipe = load_pipeline(model, arch)
+    targets, sheet = image_paths(out, len(prompts))
+    images, written = [], []
+    for text, target in zip(prompts, targets):
+        if engine == "torch":
+            image = generate(pipe, Path(lora_dir), text, path, steps, guidance, seed, class_prompt)
+        else:
+            image = generate_ort(Path(lora_dir), text, path, steps, guidance, seed)
+        images.append(image)
+        _save_png(image, target)
+        log(f"wrote {target}")
+        written.append(target)
+    if sheet is not None:
+        _save_png(contact_sheet(images), sheet)
+        log(f"wrote {sheet}")
+        written.append(sheet)
+    return written
+
+
+def _save_png(image, path: Path) -> None:
+    with store.atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -5,9 +5,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from hollow_export.anatomy import LoraSpec, PlanError, lora_param_count, make_plan, select_lora_targets, walk
+from hollow_export.hollow.plan import LoraSpec, PlanError, lora_param_count, make_plan, select_lora_targets, walk
 from hollow_export.cli import main
-from hollow_export.models import load_unet
+from hollow_export.models.load import load_unet
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_sd21_fraction_04_is_depth_3_with_paper_numbers(sd21):
     assert plan.kept_params == 528_952_004  # paper: 527M base
     assert round(plan.lora_params / 1e6, 1) == 24.0  # paper: 24M
     assert plan.buffer_shape == [1280, 16, 16]  # 1.31 MB per sample in fp32
-    assert plan.hollowed == ["down_blocks.2.downsamplers.0", "down_blocks.3.resnets.0", "down_blocks.3.resnets.1",
+    assert plan.hollowed_modules == ["down_blocks.2.downsamplers.0", "down_blocks.3.resnets.0", "down_blocks.3.resnets.1",
                              "mid_block", "up_blocks.0.resnets.0", "up_blocks.0.resnets.1",
                              "up_blocks.0.resnets.2", "up_blocks.0.upsamplers.0"]
 
@@ -50,10 +50,10 @@ def test_every_module_is_hollowed_or_kept_exactly_once(tiny_unet):
     top = {name.split(".")[0] for name, p in tiny_unet.named_parameters()}
     for k in range(12):
         plan = make_plan(tiny_unet, depth=k)
-        assert not set(plan.hollowed) & set(plan.kept)
-        covered = sum(p.numel() for n in plan.hollowed + plan.kept for p in tiny_unet.get_submodule(n).parameters())
+        assert not set(plan.hollowed_modules) & set(plan.kept_modules)
+        covered = sum(p.numel() for n in plan.hollowed_modules + plan.kept_modules for p in tiny_unet.get_submodule(n).parameters())
         assert covered == plan.unet_params
-        assert {n.split(".")[0] for n in plan.kept} | {"mid_block", "down_blocks", "up_blocks"} >= top - {"mid_block"}
+        assert {n.split(".")[0] for n in plan.kept_modules} | {"mid_block", "down_blocks", "up_blocks"} >= top - {"mid_block"}
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -88,7 +88,7 @@ def test_blockwise_and_conv_presets(tiny_unet):
     assert all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for n in attn.lora_targets)
     assert any(n.endswith("conv1") for n in conv.lora_targets) and conv.lora_params > attn.lora_params
     assert block.lora_targets and all(n.startswith("up_blocks.3.") for n in block.lora_targets)
-    assert not any(n.startswith(tuple(attn.hollowed)) for n in attn.lora_targets)
+    assert not any(n.startswith(tuple(attn.hollowed_modules)) for n in attn.lora_targets)
 
 
 def test_cli_plan_json_and_table():

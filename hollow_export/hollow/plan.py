@@ -5,7 +5,7 @@ In:  a diffusers `UNet2DConditionModel` (real, random or on the meta device),
 Out: `walk(unet)` -> the list of `Unit`s; `make_plan(...)` -> a `HollowPlan`,
      a small JSON-serialisable value that every later stage takes as given.
 
-Unit walk (see ../shared/HOLLOWED_NET.md): `conv_in`, then down units (each
+Unit walk (the paper's Section 3, in diffusers' module names): `conv_in`, then down units (each
 resnet(+attention) layer of a down block and each downsampler), each pushing
 one skip tensor; the mid block; then up units (each resnet(+attention) layer
 of an up block pops one skip; an upsampler closes an up block); then the
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .errors import HollowError
+from ..errors import HollowError
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -75,8 +75,8 @@ class HollowPlan:
     depth: int
     max_depth: int
     units: list[Unit]
-    hollowed: list[str]  # module names removed while fine-tuning
-    kept: list[str]  # module names of the hollowed (trainable) net, original names
+    hollowed_modules: list[str]  # module names removed while fine-tuning
+    kept_modules: list[str]  # module names of the kept layers (the HollowedNet, trained), original names
     precompute: list[str]  # module names on the precompute path
     unet_params: int
     hollowed_params: int
@@ -104,7 +104,9 @@ class HollowPlan:
         return n
 
     def to_json(self) -> dict:
+        """The plan as the bundle format stores it (format v1 keys: `hollowed`, `kept`)."""
         out = asdict(self)
+        out["hollowed"], out["kept"] = out.pop("hollowed_modules"), out.pop("kept_modules")
         out["hollowed_fraction"] = self.hollowed_fraction
         out["buffer_bytes_fp32"] = self.buffer_bytes_fp32
         out["lora"]["lora_alpha"] = self.lora.lora_alpha
@@ -113,6 +115,7 @@ class HollowPlan:
     @staticmethod
     def from_json(data: dict) -> "HollowPlan":
         data = {k: v for k, v in data.items() if k not in ("hollowed_fraction", "buffer_bytes_fp32")}
+        data["hollowed_modules"], data["kept_modules"] = data.pop("hollowed"), data.pop("kept")
         lora = dict(data.pop("lora"))
         lora.pop("lora_alpha", None)
         lora["blocks"] = tuple(lora.get("blocks", ()))
@@ -249,13 +252,17 @@ def select_lora_targets(unet, lora: LoraSpec, within: list[str] | None = None) -
     return [name for name, _ in unet.named_modules() if name and inside(name) and lora.selects(name)]
 
 
+def fan_in(weight) -> int:
+    """Inputs per output of a Linear or Conv2d weight (or of a LoRA A matrix shaped like it)."""
+    return weight.shape[1] * (weight[0, 0].numel() if weight.dim() == 4 else 1)
+
+
 def lora_param_count(unet, targets: list[str], rank: int) -> int:
     """Parameters of rank-`rank` LoRA on `targets`: r * (fan_in + fan_out) per layer."""
     total = 0
     for name in targets:
         weight = unet.get_submodule(name).weight
-        fan_in = weight.shape[1] * (weight[0, 0].numel() if weight.dim() == 4 else 1)
-        total += rank * (fan_in + weight.shape[0])
+        total += rank * (fan_in(weight) + weight.shape[0])
     return total
 
 
@@ -290,8 +297,8 @@ def make_plan(unet, depth: int | None = None, fraction: float | None = None,
         depth=depth,
         max_depth=deepest,
         units=units,
-        hollowed=hollowed_names,
-        kept=kept_names,
+        hollowed_modules=hollowed_names,
+        kept_modules=kept_names,
         precompute=precompute_names,
         unet_params=sum(p.numel() for p in unet.parameters()),
         hollowed_params=_param_count(unet, hollowed_names),
@@ -307,6 +314,20 @@ def make_plan(unet, depth: int | None = None, fraction: float | None = None,
         kept_units=kept,
         hollowed_units=hollowed,
     )
+
+
+DEFAULT_FRACTION = 0.4  # the paper's
+
+
+def plan_from_options(unet, fraction: float | None = None, depth: int | None = None, rank: int = 128,
+                      alpha: float | None = None, targets: str = "attn", blocks: str = "",
+                      resolution: int | None = None) -> HollowPlan:
+    """The plan from command-line style options: `blocks` comma-separated, fraction 0.4 if neither is given."""
+    if fraction is None and depth is None:
+        fraction = DEFAULT_FRACTION
+    spec = LoraSpec(rank=rank, alpha=alpha, targets=targets,
+                    blocks=tuple(b.strip() for b in blocks.split(",") if b.strip()))
+    return make_plan(unet, depth=depth, fraction=fraction, lora=spec, resolution=resolution)
 
 
 def plan_table(plan: HollowPlan) -> str:
@@ -330,6 +351,13 @@ def plan_table(plan: HollowPlan) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append("hollowed modules:")
-    lines += [f"  - {n}" for n in plan.hollowed]
+    lines += [f"  - {n}" for n in plan.hollowed_modules]
     return "\n".join(lines)
 
+
+
+def plan_for_model(model: str | None = None, arch: str | None = None, **plan_options) -> HollowPlan:
+    """`hollow-export plan`: the plan of a model's U-Net, built on the meta device (no weights)."""
+    from ..models.load import load_unet
+
+    return plan_from_options(load_unet(model, arch, meta=True), **plan_options)

@@ -1,7 +1,8 @@
-"""Where the Stable Diffusion pipeline comes from.
+"""Loading the Stable Diffusion pipeline: a local diffusers folder or a registry architecture.
 
 In:  a local diffusers folder (`--model PATH`) or an architecture name from
-     `models/` (`tiny`, `sd15`, `sd21`).
+     the registry (`tiny`, `sd15`, `sd21`; `mid` for benchmarks), or a bundle's
+     model identity (`pipeline_for`).
 Out: diffusers objects (a `StableDiffusionPipeline`, or just its
      `UNet2DConditionModel`), loaded through the normal `from_pretrained`
      code path with `local_files_only=True`.
@@ -15,7 +16,6 @@ depend on weight values), built in memory for planning and benchmarks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,27 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import HollowError
-
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-ARCHS = ("tiny", "sd15", "sd21")
-SEED = 0
-
-
-class ModelError(HollowError):
-    """A model folder or architecture name the tool cannot use (message names the fix)."""
-
+from .registry import BENCH_ARCHS, DEFAULT_ARCH, SEED, ModelError, arch_config, check_arch, config_digest
 
 def cache_dir() -> Path:
     """Folder for materialised models; `HOLLOW_EXPORT_CACHE` overrides it."""
     return Path(os.environ.get("HOLLOW_EXPORT_CACHE", Path.home() / ".cache" / "hollow-export"))
-
-
-def arch_config(arch: str, part: str) -> dict:
-    """The JSON config of one pipeline part (`unet`, `vae`, `text_encoder`, `scheduler`)."""
-    if arch not in ARCHS:
-        raise ModelError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    return json.loads((MODELS_DIR / arch / f"{part}.json").read_text())
 
 
 def _clip_byte_tokenizer(folder: Path):
@@ -85,18 +69,11 @@ def _random_parts(arch: str, tokenizer_folder: Path, device: str = "cpu"):
     )
 
 
-def _config_digest(arch: str) -> str:
-    h = hashlib.sha256(f"seed={SEED}".encode())
-    for part in ("unet", "vae", "text_encoder", "scheduler"):
-        h.update((MODELS_DIR / arch / f"{part}.json").read_bytes())
-    return h.hexdigest()[:12]
-
-
 def materialize(arch: str = "tiny") -> Path:
     """Save `arch` with random weights in diffusers layout (once; atomic) and return its folder."""
     from diffusers import StableDiffusionPipeline
 
-    target = cache_dir() / f"{arch}-{_config_digest(arch)}"
+    target = cache_dir() / f"{arch}-{config_digest(arch)}"
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,9 +106,7 @@ def resolve(model: str | None, arch: str | None) -> tuple[str, Path | None]:
                 "unet/config.json); pass the folder that `save_pretrained` wrote"
             )
         return "local", folder
-    arch = arch or "tiny"
-    if arch not in ARCHS:
-        raise ModelError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    arch = check_arch(arch or DEFAULT_ARCH, BENCH_ARCHS)
     return arch, (materialize("tiny") if arch == "tiny" else None)
 
 
@@ -176,3 +151,42 @@ def model_identity(model: str | None, arch: str | None) -> dict:
     """What a manifest or record says about where the weights came from."""
     name, folder = resolve(model, arch)
     return {"source": name, "path": str(folder) if folder else None, "seed": SEED if name != "local" else None}
+
+
+def bench_pipeline(arch: str):
+    """A pipeline whose U-Net is `arch`'s; for non-tiny archs the VAE, tokenizer and scheduler are the
+    tiny default's and the text encoder is a 2-layer CLIP of the U-Net's cross-attention width: only
+    the U-Net graphs are measured, so the rest only has to have the right shapes."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    check_arch(arch, BENCH_ARCHS)
+    if arch == "tiny":
+        return load_pipeline(arch="tiny")
+    tiny = load_pipeline(arch="tiny")
+    unet = load_unet(arch=arch)
+    width = unet.config.cross_attention_dim
+    torch.manual_seed(1)
+    text = CLIPTextModel(CLIPTextConfig(**{**arch_config("tiny", "text_encoder"), "hidden_size": width,
+                                           "intermediate_size": width, "num_attention_heads": 8,
+                                           "projection_dim": width})).eval()
+    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=text, tokenizer=tiny.tokenizer, unet=unet,
+                                   scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+BENCH_SOURCE = "bench:"
+
+
+def pipeline_for(identity: dict, model: str | None = None):
+    """The base pipeline a bundle was built from (its manifest's `model`), or `model` when given."""
+    if model is not None:
+        return load_pipeline(model=model)
+    source = identity.get("source", DEFAULT_ARCH)
+    if source == "local":
+        return load_pipeline(model=identity["path"])
+    if source.startswith(BENCH_SOURCE):
+        return bench_pipeline(source[len(BENCH_SOURCE):])
+    return load_pipeline(arch=source)

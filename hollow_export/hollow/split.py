@@ -5,7 +5,9 @@ Out: `PrecomputeNet(sample, timestep, class_embedding) -> hidden`, the hidden
      state entering the first kept up layer, and
      `HollowedNet(sample, timestep, instance_embedding, hidden) -> noise`,
      the kept down units, the kept up units fed `hidden`, and the head
-     (given a `target` too, it returns the training loss: what is exported).
+     (given a `target` too, it returns the training loss: what is exported;
+     with `recompute=True` each kept unit's activations are recomputed in
+     the backward instead of held: a benchmark row).
 
 Both nets hold the U-Net's own module objects (no copy) under their original
 dotted names, so a state dict of either net addresses the full U-Net. For
@@ -20,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .anatomy import HollowPlan, Unit
+from torch.utils.checkpoint import checkpoint
+
+from .plan import HollowPlan, Unit
 
 
 def graft(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -54,11 +58,11 @@ def run_down(net: nn.Module, unit: Unit, h, emb, context):
     return h
 
 
-def run_up(net: nn.Module, unit: Unit, h, emb, context, skips: list):
-    """One up unit: a resnet(+attention) layer popping its skip, or an upsampler."""
+def run_up(net: nn.Module, unit: Unit, h, emb, context, skip=None):
+    """One up unit: a resnet(+attention) layer taking its skip tensor, or an upsampler (no skip)."""
     if unit.kind == "upsample":
         return net.get_submodule(unit.modules[0])(h)
-    h = torch.cat([h, skips.pop()], dim=1)
+    h = torch.cat([h, skip], dim=1)
     h = net.get_submodule(unit.modules[0])(h, emb)
     if len(unit.modules) > 1:
         h = net.get_submodule(unit.modules[1])(h, encoder_hidden_states=context, return_dict=False)[0]
@@ -75,6 +79,11 @@ def run_head(net: nn.Module, h):
 
 def _is_down(unit: Unit) -> bool:
     return unit.kind in ("down", "downsample")
+
+
+def pop_skip(unit: Unit, skips: list):
+    """The skip tensor an up unit consumes: the last pushed for an up layer, none for an upsampler."""
+    return skips.pop() if unit.kind == "up" else None
 
 
 class PrecomputeNet(nn.Module):
@@ -98,33 +107,40 @@ class PrecomputeNet(nn.Module):
             skips.append(h)
         h = run_mid(self, h, emb, encoder_hidden_states)
         for unit in self.up_units:
-            h = run_up(self, unit, h, emb, encoder_hidden_states, skips)
+            h = run_up(self, unit, h, emb, encoder_hidden_states, pop_skip(unit, skips))
         return h
 
 
 class HollowedNet(nn.Module):
     """The kept layers: kept down units make the skips, the kept up units start from the buffer."""
 
-    def __init__(self, unet, plan: HollowPlan):
+    def __init__(self, unet, plan: HollowPlan, recompute: bool = False):
         super().__init__()
         self.plan = plan
+        self.recompute = recompute
         self.down_units = [u for u in plan.kept_units if _is_down(u)]
         self.up_units = [u for u in plan.kept_units if u.kind in ("up", "upsample")]
         self.time_proj = unet.time_proj
         self.conv_act = unet.conv_act
-        for name in plan.kept:
+        for name in plan.kept_modules:
             graft(self, name, unet.get_submodule(name))
+
+    def _run(self, fn, *args):
+        """One unit; with `recompute`, its activations are recomputed in the backward, not held."""
+        if self.recompute:
+            return checkpoint(fn, self, *args, use_reentrant=False)
+        return fn(self, *args)
 
     def forward(self, sample, timestep, encoder_hidden_states, hidden, target=None):
         """Noise prediction; with `target` given, the training loss MSE(prediction, target) instead."""
         emb = embed_timestep(self, sample, timestep)
         h, skips = sample, []
         for unit in self.down_units:
-            h = run_down(self, unit, h, emb, encoder_hidden_states)
+            h = self._run(run_down, unit, h, emb, encoder_hidden_states)
             skips.append(h)
         h = hidden
         for unit in self.up_units:
-            h = run_up(self, unit, h, emb, encoder_hidden_states, skips)
+            h = self._run(run_up, unit, h, emb, encoder_hidden_states, pop_skip(unit, skips))
         prediction = run_head(self, h)
         if target is None:
             return prediction
@@ -150,5 +166,5 @@ def unet_forward(unet, plan: HollowPlan, sample, timestep, kept_context, hollowe
         elif unit.kind == "mid":
             h = run_mid(unet, h, emb, context)
         elif unit.kind in ("up", "upsample"):
-            h = run_up(unet, unit, h, emb, context, skips)
+            h = run_up(unet, unit, h, emb, context, pop_skip(unit, skips))
     return run_head(unet, h)

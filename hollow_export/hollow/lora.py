@@ -14,15 +14,16 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from . import store
-from .errors import HollowError
-from .anatomy import LoraSpec
+from .. import store
+from ..errors import HollowError
+from .plan import LoraSpec, fan_in
 
 ADAPTER = "default"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -70,10 +71,6 @@ def _base_weight(unet, module_name: str) -> torch.Tensor:
     return (module.get_base_layer() if isinstance(module, BaseTunerLayer) else module).weight
 
 
-def _fan_in(t: torch.Tensor) -> int:
-    return t.shape[1] * (t[0, 0].numel() if t.dim() == 4 else 1)
-
-
 def check_fits(unet, state: dict[str, torch.Tensor]) -> None:
     """Raise LoraError unless every tensor of `state` names a module of `unet` with matching shape."""
     problems = []
@@ -84,7 +81,7 @@ def check_fits(unet, state: dict[str, torch.Tensor]) -> None:
         except AttributeError:
             problems.append(f"{key}: no module {module_name} in this U-Net")
             continue
-        fits = _fan_in(tensor) == _fan_in(weight) if kind.startswith("A") else tensor.shape[0] == weight.shape[0]
+        fits = fan_in(tensor) == fan_in(weight) if kind.startswith("A") else tensor.shape[0] == weight.shape[0]
         if not fits:
             problems.append(f"{key}: shape {tuple(tensor.shape)} does not fit {module_name} {tuple(weight.shape)}")
     if problems:
@@ -96,13 +93,6 @@ def check_fits(unet, state: dict[str, torch.Tensor]) -> None:
 def targets_of(state: dict[str, torch.Tensor]) -> list[str]:
     """Module names adapted by a LoRA state dict."""
     return sorted({k.rpartition(".lora_")[0] for k in state})
-
-
-def rank_of(state: dict[str, torch.Tensor]) -> int:
-    ranks = {v.shape[0] for k, v in state.items() if ".lora_A" in k}
-    if len(ranks) != 1:
-        raise LoraError(f"LoRA state has mixed or no ranks: {sorted(ranks)}")
-    return ranks.pop()
 
 
 def load_into(unet, state: dict[str, torch.Tensor], spec: LoraSpec) -> None:
@@ -130,6 +120,21 @@ def save_diffusers(folder: Path, state: dict[str, torch.Tensor], spec: LoraSpec)
         )
         os.replace(Path(scratch) / LORA_FILE, tmp)
     return path
+
+
+@dataclass
+class AdamWSettings:
+    """The optimizer of the LoRA tensors, host and device alike: PyTorch's AdamW (decoupled decay)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+
+    def torch_optimizer(self, params, lr: float | None = None):
+        """`torch.optim.AdamW` over `params` with these settings (`lr` overrides)."""
+        return torch.optim.AdamW(params, lr=self.lr if lr is None else lr, betas=self.betas, eps=self.eps,
+                                 weight_decay=self.weight_decay)
 
 
 @contextmanager

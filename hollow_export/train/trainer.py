@@ -11,43 +11,42 @@ prompt, buffers the hidden state entering the first kept up layer for each
 sample (latent, noise, timestep); LoRA on the hollowed net is then trained
 with the instance prompt against MSE(predicted noise, noise). Method `lora`
 is plain LoRA fine-tuning of the full U-Net on the same samples, for
-comparisons. The on-device runtime (`runtime.py`) is the ORT twin of this.
+comparisons. The on-device runtime (`device/`) is the ORT twin of this.
 """
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import lora as lora_mod
-from . import store
-from .errors import HollowError
-from .anatomy import HollowPlan
-from .photos import load_photos
-from .split import HollowedNet, PrecomputeNet
-
+from .. import store
+from ..errors import HollowError
+from ..hollow import lora as lora_mod
+from ..hollow.lora import AdamWSettings
+from ..hollow.plan import HollowPlan, select_lora_targets
+from ..hollow.split import HollowedNet, PrecomputeNet
+from ..models.prompts import encode_prompt
+from ..photos import load_photos
+from ..rss import peak_rss_bytes
 
 
 class DataError(HollowError, ValueError):
     """Training data the trainer cannot use (message names the problem and the fix)."""
 
 
+METHODS = ("hollowed", "lora")
+
+
 @dataclass
-class TrainSettings:
+class TrainSettings(AdamWSettings):
     method: str = "hollowed"  # hollowed | lora
     steps: int = 1000
     samples: int = 200
-    lr: float = 1e-4
     batch_size: int = 1
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 1e-2
     seed: int = 0
     device: str = "cpu"
     eval_samples: int = 8  # fixed batch on which the loss is reported before and after training
@@ -56,14 +55,6 @@ class TrainSettings:
 def load_images(folder: Path, resolution: int) -> torch.Tensor:
     """Photos centre-cropped, resized to `resolution`, as a [N, 3, H, W] tensor in [-1, 1]."""
     return torch.from_numpy(load_photos(folder, resolution))
-
-
-@torch.no_grad()
-def encode_prompt(pipe, prompt: str) -> torch.Tensor:
-    """The text encoder's last hidden state for `prompt`, [1, 77, D]."""
-    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
 @torch.no_grad()
@@ -132,8 +123,7 @@ def fixed_batch_loss(net, method: str, samples: dict, embedding, device, count: 
 def fine_tune(net, method: str, samples: dict, embedding, settings: TrainSettings) -> list[float]:
     """AdamW on the LoRA parameters of `net` over the samples, shuffled with the seed; per-step losses."""
     params = list(lora_mod.lora_parameters(net).values())
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                  weight_decay=settings.weight_decay)
+    optimizer = settings.torch_optimizer(params)
     generator = torch.Generator().manual_seed(settings.seed + 1)
     count = samples["noisy"].shape[0]
     order = torch.randperm(count, generator=generator)
@@ -158,13 +148,13 @@ def peak_memory_bytes(device: str) -> int:
     """Peak CUDA allocation on a GPU, else the process's peak resident set size."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 def personalize(pipe, plan: HollowPlan, images: Path, instance_prompt: str, class_prompt: str,
                 out: Path, settings: TrainSettings) -> dict:
     """Collection + fine-tuning (or plain LoRA); writes the LoRA file, buffer and record into `out`."""
-    if settings.method not in ("hollowed", "lora"):
+    if settings.method not in METHODS:
         raise ValueError(f"--method must be hollowed or lora (got {settings.method!r})")
     started = time.time()
     out = Path(out)
@@ -185,7 +175,6 @@ def personalize(pipe, plan: HollowPlan, images: Path, instance_prompt: str, clas
                                                          ("latents", "noise", "timesteps", "hidden")})
         net = lora_mod.inject(HollowedNet(unet, plan), plan.lora, plan.lora_targets, seed=settings.seed)
     else:
-        from .anatomy import select_lora_targets
         net = lora_mod.inject(unet, plan.lora, select_lora_targets(unet, plan.lora), seed=settings.seed)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -213,3 +202,15 @@ def personalize(pipe, plan: HollowPlan, images: Path, instance_prompt: str, clas
     }
     store.write_json(out / "record.json", record)
     return record
+
+
+def personalize_from_options(images: Path, instance_prompt: str, class_prompt: str, out: Path,
+                             settings: TrainSettings, model: str | None = None, arch: str | None = None,
+                             **plan_options) -> dict:
+    """`hollow-export personalize`: load the model, plan it from the options, train; returns the record."""
+    from ..hollow.plan import plan_from_options
+    from ..models.load import load_pipeline
+
+    pipe = load_pipeline(model, arch)
+    plan = plan_from_options(pipe.unet, **plan_options)
+    return personalize(pipe, plan, Path(images), instance_prompt, class_prompt, Path(out), settings)

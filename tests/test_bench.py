@@ -13,16 +13,17 @@ from onnx import TensorProto, helper
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from hollow_export import aihub, profile
-from hollow_export.anatomy import LoraSpec, lora_param_count, make_plan, select_lora_targets
-from hollow_export.models import load_unet
+from hollow_export import aihub
+from hollow_export.bench import cases, flops, memory, ort, sweep
+from hollow_export.hollow.plan import LoraSpec, lora_param_count, make_plan, select_lora_targets
+from hollow_export.models.load import load_unet
 
 RANK = 4
 PLAN = {"rank": RANK, "fraction": None, "depth": 3, "resolution": 128}
 
 
 def _case(name):
-    return next(c for c in profile.all_cases(RANK) if c.name == name)
+    return next(c for c in cases.all_cases(RANK) if c.name == name)
 
 
 def _stock_count(fn):
@@ -39,25 +40,25 @@ def test_flops_match_the_stock_counter_on_real_tensors():
     t = torch.tensor([500])
     with torch.no_grad():
         reference = _stock_count(lambda: unet(x, t, e))
-    assert profile.case_flops("tiny", PLAN, _case("inference"))["step"] == reference
-    assert profile.case_flops("tiny", PLAN, _case("inference"), device="meta")["step"] == reference
+    assert flops.case_flops("tiny", PLAN, _case("inference"))["step"] == reference
+    assert flops.case_flops("tiny", PLAN, _case("inference"), device="meta")["step"] == reference
     # the CPU flash kernel is counted like SDPA: the patched counter agrees with the math path on real tensors
-    with torch.no_grad(), profile.flop_counter() as counter:
+    with torch.no_grad(), flops.flop_counter() as counter:
         unet(x, t, e)
     assert counter.get_total_flops() == reference
 
     # a hollowed training step (forward + backward) on real tensors, stock counter
     plan = make_plan(unet, depth=3, lora=LoraSpec(rank=RANK), resolution=128)
-    net, _ = profile.build_case(unet, plan, _case("hollowed"))
+    net, _ = cases.build_case(unet, plan, _case("hollowed"))
     hidden, target = torch.randn(1, *plan.buffer_shape, generator=g), torch.randn(1, 4, 16, 16, generator=g)
     stock = _stock_count(lambda: torch.nn.functional.mse_loss(net(x, t, e, hidden), target).backward())
-    hollowed = profile.case_flops("tiny", PLAN, _case("hollowed"))
+    hollowed = flops.case_flops("tiny", PLAN, _case("hollowed"))
     assert hollowed["step"] == stock
 
-    lora = profile.case_flops("tiny", PLAN, _case(f"lora_r{RANK}"))
-    full = profile.case_flops("tiny", PLAN, _case("full_ft"))
-    collection = profile.case_flops("tiny", PLAN, _case("collection"))
-    ckpt = profile.case_flops("tiny", PLAN, _case("hollowed_ckpt"))
+    lora = flops.case_flops("tiny", PLAN, _case(f"lora_r{RANK}"))
+    full = flops.case_flops("tiny", PLAN, _case("full_ft"))
+    collection = flops.case_flops("tiny", PLAN, _case("collection"))
+    ckpt = flops.case_flops("tiny", PLAN, _case("hollowed_ckpt"))
     assert hollowed["step"] < lora["step"] < full["step"]
     assert collection["backward"] == 0 and collection["step"] < reference
     assert ckpt["step"] > hollowed["step"]  # recomputation costs forward FLOPs again
@@ -66,34 +67,34 @@ def test_flops_match_the_stock_counter_on_real_tensors():
 def test_lora_params_match_the_analytic_counts_and_the_paper():
     unet = load_unet(arch="tiny")
     plan = make_plan(unet, depth=3, lora=LoraSpec(rank=RANK), resolution=128)
-    net, trainable = profile.build_case(unet, plan, _case("hollowed"))
+    net, trainable = cases.build_case(unet, plan, _case("hollowed"))
     assert sum(p.numel() for p in trainable) == lora_param_count(unet, plan.lora_targets, RANK) == plan.lora_params
-    lora_net, trainable = profile.build_case(load_unet(arch="tiny"), plan, _case(f"lora_r{RANK}"))
+    lora_net, trainable = cases.build_case(load_unet(arch="tiny"), plan, _case(f"lora_r{RANK}"))
     spec = LoraSpec(rank=RANK)
     assert sum(p.numel() for p in trainable) == lora_param_count(unet, select_lora_targets(unet, spec), RANK)
     # SD2.1 (meta device): the paper's 207K at r=1 and 27M at r=128
     for rank, expected in ((1, 207_488), (128, 26_558_464)):
-        sd21 = profile.bench_unet("sd21", meta=True)
-        p = profile.bench_plan(sd21, rank, None, 3, 512)
-        _, trainable = profile.build_case(sd21, p, profile.Case("l", "lora", "l", rank=rank), device="meta")
+        sd21 = load_unet(arch="sd21", meta=True)
+        p = cases.bench_plan(sd21, rank, None, 3, 512)
+        _, trainable = cases.build_case(sd21, p, cases.Case("l", "lora", "l", rank=rank), device="meta")
         assert sum(x.numel() for x in trainable) == expected
 
 
 def test_recompute_and_precision_variants_stay_close_to_fp32():
     unet = load_unet(arch="tiny")
     plan = make_plan(unet, depth=3, lora=LoraSpec(rank=RANK), resolution=128)
-    items = profile.step_inputs_for("tiny", plan, 1)
+    items = cases.step_inputs_for("tiny", plan, 1)
 
     def step(case, rounded_to=None):
         data = [dict(items[0])]
-        net, trainable = profile.build_case(load_unet(arch="tiny"), plan, case, "cpu", data)
+        net, trainable = cases.build_case(load_unet(arch="tiny"), plan, case, "cpu", data)
         if rounded_to is not None:  # the reference: an fp32 net whose frozen weights went through `rounded_to`
             for param in net.parameters():
                 if not param.requires_grad:
                     param.data = param.data.to(rounded_to).float()
         frozen = {param.dtype for param in net.parameters() if not param.requires_grad}
         optimizer = torch.optim.SGD(trainable, lr=0.0)
-        loss, _ = profile.run_step(net, case, data[0], optimizer, "cpu")
+        loss, _ = cases.run_step(net, case, data[0], optimizer, "cpu")
         grads = torch.cat([p.grad.flatten() for p in trainable])
         names = [n for n, p in net.named_parameters() if p.requires_grad]
         return loss, grads, names, frozen
@@ -119,14 +120,14 @@ def test_step_fused_into_the_backward_equals_torch_adamw():
     """The fused-step row trains exactly like one torch.optim.AdamW over all LoRA tensors."""
     unet = load_unet(arch="tiny")
     plan = make_plan(unet, depth=3, lora=LoraSpec(rank=RANK), resolution=128)
-    items = profile.step_inputs_for("tiny", plan, 3)
+    items = cases.step_inputs_for("tiny", plan, 3)
     trained = {}
     for name in ("hollowed", "hollowed_ckpt_fused"):
         case = _case(name)
         data = [dict(item) for item in items]
         torch.manual_seed(0)  # same LoRA initialisation
-        net, trainable = profile.build_case(load_unet(arch="tiny"), plan, case, "cpu", data)
-        optimizer = profile.make_optimizer(case, trainable, lr=1e-2)
+        net, trainable = cases.build_case(load_unet(arch="tiny"), plan, case, "cpu", data)
+        optimizer = cases.make_optimizer(case, trainable, lr=1e-2)
         if name == "hollowed":
             assert type(optimizer) is torch.optim.AdamW
             with torch.no_grad():  # B starts at zero: give it values so every tensor gets a real gradient
@@ -138,7 +139,7 @@ def test_step_fused_into_the_backward_equals_torch_adamw():
             with torch.no_grad():
                 for param, value in zip(trainable, start):
                     param.copy_(value)
-        losses = [profile.run_step(net, case, item, optimizer, "cpu")[0] for item in data]
+        losses = [cases.run_step(net, case, item, optimizer, "cpu")[0] for item in data]
         if name != "hollowed":
             assert all(param.grad is None for param in trainable)  # applied and freed inside the backward
         trained[name] = (losses, [param.detach().clone() for param in trainable])
@@ -150,7 +151,7 @@ def test_step_fused_into_the_backward_equals_torch_adamw():
 
 
 def test_memory_table_on_tiny(tmp_path):
-    result = profile.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["inference", "hollowed"],
+    result = memory.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["inference", "hollowed"],
                                   out=tmp_path, log=lambda *_: None)
     rows = {r["case"]: r for r in result["rows"]}
     assert set(rows) == {"inference", "hollowed"}
@@ -169,29 +170,29 @@ def test_memory_table_on_tiny(tmp_path):
     saved = json.loads(open(files["json"]).read())
     assert saved["settings"]["arch"] == "tiny" and saved["settings"]["torch"] == torch.__version__
     assert open(files["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    text = profile.memory_text(result)
+    text = memory.memory_text(result)
     for word in ("tiny", "resolution: 128", "inference", "hollowed", "peak GB", "date"):
         assert word in text
 
     # --merge adds cases to the result measured before with the same settings, and refuses other settings
-    merged = profile.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["collection"], measure=False,
+    merged = memory.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["collection"], measure=False,
                                   out=tmp_path, merge=True, log=lambda *_: None)
     assert [r["case"] for r in merged["rows"]] == ["inference", "hollowed", "collection"]
     assert merged["rows"][1]["peak_bytes"] == rows["hollowed"]["peak_bytes"]
-    with pytest.raises(profile.BenchError, match="other settings"):
-        profile.memory_table(arch="tiny", rank=RANK, depth=3, steps=3, cases=["collection"], measure=False,
+    with pytest.raises(cases.BenchError, match="other settings"):
+        memory.memory_table(arch="tiny", rank=RANK, depth=3, steps=3, cases=["collection"], measure=False,
                              out=tmp_path, merge=True, log=lambda *_: None)
 
     # every row's structure, FLOPs only (no processes)
-    flops_only = profile.memory_table(arch="tiny", rank=RANK, depth=3, measure=False, log=lambda *_: None)
+    flops_only = memory.memory_table(arch="tiny", rank=RANK, depth=3, measure=False, log=lambda *_: None)
     names = [r["case"] for r in flops_only["rows"]]
-    assert names == [c.name for c in profile.all_cases(RANK)]
+    assert names == [c.name for c in cases.all_cases(RANK)]
     assert all(r["flops"]["step"] > 0 and "peak_bytes" not in r for r in flops_only["rows"])
     assert flops_only["dual_path_flops"] > rows["inference"]["flops"]["step"]
 
 
 def test_sweep_on_tiny_writes_json_and_png(tmp_path):
-    result = profile.sweep(arch="tiny", steps=2, samples=2, measure=False, depths=[0, 3, 11], out=tmp_path,
+    result = sweep.sweep(arch="tiny", steps=2, samples=2, measure=False, depths=[0, 3, 11], out=tmp_path,
                            log=lambda *_: None)
     rows = result["rows"]
     assert [r["depth"] for r in rows] == [0, 3, 11]
@@ -203,11 +204,11 @@ def test_sweep_on_tiny_writes_json_and_png(tmp_path):
     assert all(len(r["loss"]["losses"]) == 2 and np.isfinite(r["loss"]["fixed_batch_loss_after"]) for r in rows)
     assert json.loads(open(result["files"]["json"]).read())["kind"] == "sweep"
     assert open(result["files"]["png"], "rb").read(4) == b"\x89PNG"
-    assert "depth 11" in profile.sweep_text(result)
+    assert "depth 11" in sweep.sweep_text(result)
 
 
 def test_ort_bench_on_tiny_trains_each_bundle_without_torch(tmp_path):
-    result = profile.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, threads=2, out=tmp_path,
+    result = ort.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, threads=2, out=tmp_path,
                                log=lambda *_: None)
     rows = {r["kind"]: r for r in result["rows"]}
     assert list(rows) == ["hollowed", "lora", "inference"]
@@ -222,7 +223,7 @@ def test_ort_bench_on_tiny_trains_each_bundle_without_torch(tmp_path):
     ratio = result["ratios"]["hollowed/lora"]["peak_rss"]
     assert ratio == rows["hollowed"]["peak_rss_bytes"] / rows["lora"]["peak_rss_bytes"]
     assert open(result["files"]["png"], "rb").read(4) == b"\x89PNG"
-    assert "hollowed/lora" in profile.ort_text(result)
+    assert "hollowed/lora" in ort.ort_text(result)
 
 
 # ---------------------------------------------------------------- AI Hub

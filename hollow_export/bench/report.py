@@ -1,0 +1,68 @@
+"""Tables and PNG plots of benchmark results (the AI Hub profile uses the same table).
+
+In:  a result dict (settings, rows) and an output folder and file stem.
+Out: text tables (`format_table`, `settings_text`), number formats, atomic PNG figures and
+     `write_outputs`: the result as JSON plus its plot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import store
+
+GB = 1e9
+
+
+def _fmt_bytes(n) -> str:
+    return "-" if n is None else f"{n / GB:.3f}"
+
+
+def _fmt_ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _fmt_params(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    def line(cells):
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def settings_text(settings: dict) -> str:
+    keys = [k for k in settings if not isinstance(settings[k], (list, dict))]
+    return "\n".join(f"  {k}: {settings[k]:.4f}" if isinstance(settings[k], float) else f"  {k}: {settings[k]}"
+                     for k in keys)
+
+
+def _flops_unit(rows: list[dict]) -> tuple[float, str]:
+    top = max((r["flops"]["step"] for r in rows if r.get("flops")), default=0)
+    return (1e12, "TFLOPs") if top >= 1e11 else (1e9, "GFLOPs")
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    with store.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def write_outputs(result: dict, out: Path, stem: str, plot_fn) -> dict:
+    """`<stem>.json` (the result, with a `files` entry) and `<stem>.png` (its plot) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
+    result["files"] = {"json": str(json_path), "png": str(png_path)}
+    store.write_json(json_path, result)
+    plot_fn(result, png_path)
+    return result

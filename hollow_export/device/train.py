@@ -1,0 +1,168 @@
+"""Training on the device: LoRA over the buffer with ORT's training API, resumable at any kill.
+
+In:  a bundle, a buffer file, a run folder and a `TrainConfig` (steps, checkpoint interval,
+     time limit, learning-rate override).
+Out: ORT checkpoints (the last two kept) and `progress.json` in the run folder, and the progress
+     record (losses, step, peak RSS). Data order: `rng.epoch_order`; checkpoint policy:
+     android_demo/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .. import store
+from ..bundle import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Bundle
+from ..rss import peak_rss_bytes
+from .buffer import BufferReader
+from .collect import noisy_and_target
+from .errors import RuntimeFault
+from .ort_session import training_api
+from .rng import epoch_order
+
+PROGRESS = "progress.json"
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # None: the bundle's
+    checkpoint_every: int = 50
+    max_minutes: float | None = None
+    lr: float | None = None  # None: the bundle's
+    progress: bool = True
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def read_progress(run: Path) -> dict | None:
+    path = Path(run) / PROGRESS
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RuntimeFault(f"{path} is damaged; delete the run folder to start over") from err
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _save(state, run: Path, step: int, progress: dict) -> None:
+    """Checkpoint (with optimizer state) then progress.json; keep the last two checkpoints.
+
+    ORT writes weights over 2 GB to `<checkpoint>.data` and finds them by that name on load, so the
+    checkpoint is written under its final name in a scratch folder, then moved in (data file first).
+    `progress.json`, replaced atomically last, is what makes the new checkpoint the current one.
+    """
+    name = _checkpoint_name(step)
+    scratch = run / f".saving-{name}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.mkdir()
+        training_api().CheckpointState.save_checkpoint(state, str(scratch / name), include_optimizer_state=True)
+        data = scratch / (name + ".data")
+        for f in (data, scratch / name):
+            if f.exists():
+                _fsync(f)
+                os.replace(f, run / f.name)
+        progress = dict(progress, step=step, checkpoint=name, sha256=store.sha256(run / name),
+                        data_sha256=store.sha256(run / data.name) if (run / data.name).exists() else None)
+        store.write_json(run / PROGRESS, progress)
+    except (OSError, RuntimeError) as err:  # the previous checkpoint and progress.json stay as they were
+        raise RuntimeFault(f"cannot save a checkpoint in {run} ({err}); free disk space and run train again: "
+                           "it resumes from the last saved checkpoint") from err
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    keep = {n for c in (name, progress.get("previous")) if c for n in (c, c + ".data")}
+    for old in run.glob("checkpoint-*"):
+        if old.name not in keep:
+            old.unlink()
+
+
+def train(bundle_dir: Path, buffer_path: Path, run: Path, config: TrainConfig) -> dict:
+    """Train LoRA over the buffer; resumes from `run`'s last checkpoint; returns the progress record."""
+    from tqdm import tqdm
+
+    api = training_api()
+    started = time.time()
+    bundle_dir, run = Path(bundle_dir), Path(run)
+    bundle = Bundle.from_pretrained(bundle_dir)
+    identity = bundle.id
+    buffer = BufferReader(buffer_path, identity)
+    hyper = bundle.hyper
+    config = replace(config, steps=config.steps or hyper["steps"])
+    run.mkdir(parents=True, exist_ok=True)
+    progress = read_progress(run)
+    if progress is None:
+        progress = {"bundle": identity, "buffer_seed": buffer.header.seed, "seed": hyper["seed"], "losses": [],
+                    "step": 0, "checkpoint": None, "previous": None}
+        state = api.CheckpointState.load_checkpoint(str(bundle_dir / CHECKPOINT))
+    else:
+        if progress["bundle"] != identity:
+            raise RuntimeFault(f"{run} belongs to another bundle; pass a new --run folder")
+        path = run / progress["checkpoint"]
+        data = path.with_name(path.name + ".data")
+        if not path.exists() or store.sha256(path) != progress["sha256"] or (
+                progress.get("data_sha256") and (not data.exists() or store.sha256(data) != progress["data_sha256"])):
+            raise RuntimeFault(f"checkpoint {path} is missing or fails its hash; delete {run} to start over")
+        state = api.CheckpointState.load_checkpoint(str(path))
+    module = api.Module(str(bundle_dir / TRAINING_MODEL), state, str(bundle_dir / EVAL_MODEL))
+    optimizer = api.Optimizer(str(bundle_dir / OPTIMIZER_MODEL), module)
+    lr = config.lr if config.lr is not None else hyper["lr"]
+    optimizer.set_learning_rate(lr)
+    module.train()
+
+    instance = bundle.prompt_embeddings()["instance"]
+    acp = bundle.alphas_cumprod()
+    step = progress["step"]
+    batch = hyper.get("batch_size", 1)
+    bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not config.progress)
+    while step < config.steps:
+        inputs = _batch(buffer, acp, instance, progress["seed"], step, batch, hyper["prediction_type"])
+        loss = float(module(*inputs))
+        optimizer.step()
+        module.lazy_reset_grad()
+        step += 1
+        progress["losses"].append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        out_of_time = config.max_minutes is not None and time.time() - started > 60 * config.max_minutes
+        if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
+            progress["previous"] = progress.get("checkpoint")
+            _save(state, run, step, progress)  # every exit from this loop passes here first
+            progress = read_progress(run)
+        if out_of_time:
+            break
+    bar.close()
+    buffer.close()
+    progress["peak_rss_bytes"] = peak_rss_bytes()
+    progress["finished"] = step >= config.steps
+    return progress
+
+
+def _batch(buffer: BufferReader, acp, instance, seed: int, step: int, batch: int, prediction_type: str) -> list:
+    """Inputs of training step `step` (0-based): samples at positions step*batch.. of the epoch orders."""
+    n = len(buffer)
+    samples, targets, timesteps, hiddens = [], [], [], []
+    for k in range(batch):
+        position = step * batch + k
+        epoch, offset = divmod(position, n)
+        record = buffer[epoch_order(seed, epoch, n)[offset]]
+        noisy, target = noisy_and_target(acp, record, prediction_type)
+        samples.append(noisy)
+        targets.append(target)
+        timesteps.append(record["timestep"])
+        hiddens.append(record["hidden"])
+    return [np.stack(samples), np.array(timesteps, dtype=np.int64), np.repeat(instance, batch, axis=0),
+            np.stack(hiddens), np.stack(targets)]

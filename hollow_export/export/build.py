@@ -1,0 +1,147 @@
+"""The on-device bundle: ONNX inference graphs, ORT training artifacts, prompts, schedule, manifest.
+
+In:  a `StableDiffusionPipeline`, its `HollowPlan`, the prompts and the
+     optimizer hyper-parameters (`BuildSettings`).
+Out: a bundle folder (written whole or not at all, see `bundle.py` for the
+     format both clients read):
+       vae_encoder.onnx      photo [B,3,H,W] in [-1,1] -> scaled latent mean and std
+       precompute.onnx       (noisy latent, timestep, class embedding) -> buffered hidden state
+       training_model.onnx   hollowed net + LoRA + MSE loss, with its gradient graph
+       eval_model.onnx       the same forward and loss, no gradients
+       optimizer_model.onnx  AdamW with PyTorch semantics (adam_mode 0)
+       checkpoint            LoRA (trainable) and frozen kept weights, ORT checkpoint format
+       prompts.safetensors   instance and class prompt embeddings [1, 77, D]
+       schedule.safetensors  alphas_cumprod of the training noise schedule
+       manifest.json         files with sha256, graph I/O, plan, LoRA names, hyper-parameters
+
+The training files come from the on-device backend (`backend.py`, ONNX Runtime today);
+the inference graphs from `onnx.export_inference`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import bundle as fmt
+from .. import store
+from ..hollow import lora as lora_mod
+from ..hollow.lora import AdamWSettings
+from ..hollow.plan import HollowPlan
+from ..hollow.split import HollowedNet, PrecomputeNet
+from ..models.prompts import encode_prompt
+from .backend import backend
+from .onnx import export_inference, param_bytes
+
+
+@dataclass
+class BuildSettings(AdamWSettings):
+    """The optimizer (inherited) and the defaults the phone starts from."""
+
+    steps: int = 1000
+    samples: int = 200
+    batch_size: int = 1
+    seed: int = 0
+
+
+class VaeEncoderNet(nn.Module):
+    """photo -> (latent mean, latent std), both already multiplied by the VAE's scaling factor."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, image):
+        moments = self.encoder(image)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        return mean * self.scaling_factor, std * self.scaling_factor
+
+
+def lora_names(trainable: list[str]) -> list[dict]:
+    """Checkpoint name -> full-U-Net (peft state dict) name of every LoRA tensor."""
+    prefix = f".{lora_mod.ADAPTER}."
+    return [{"name": n, "unet_name": n.replace(prefix, ".")} for n in trainable]
+
+
+def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt: str,
+          settings: BuildSettings, identity: dict) -> dict:
+    """Write the bundle for `plan` into `out` (atomically); return the manifest."""
+    started = time.time()
+    stages = ["prompts + schedule", "vae_encoder.onnx", "precompute.onnx", "training artifacts", "manifest"]
+    bar = tqdm(total=len(stages), desc="build", unit="stage")
+
+    def stage(i):
+        if i:
+            bar.update(1)
+        bar.set_postfix_str(stages[i])
+    unet, vae = pipe.unet, pipe.vae
+    context_dim = unet.config.cross_attention_dim
+    c, h, w = plan.latent_shape
+    with store.atomic_dir(Path(out)) as tmp, torch.no_grad():
+        stage(0)
+        store.save_tensors(tmp / fmt.PROMPTS, {"instance": encode_prompt(pipe, instance_prompt),
+                                               "class": encode_prompt(pipe, class_prompt)})
+        store.save_tensors(tmp / fmt.SCHEDULE, {"alphas_cumprod": pipe.scheduler.alphas_cumprod.float()})
+        stage(1)
+        side = plan.resolution
+        export_inference(VaeEncoderNet(vae), (torch.zeros(1, 3, side, side),), tmp / fmt.VAE_ENCODER,
+                         ["image"], ["latent_mean", "latent_std"],
+                         {"image": {0: "batch"}, "latent_mean": {0: "batch"}, "latent_std": {0: "batch"}})
+        stage(2)
+        export_inference(PrecomputeNet(unet, plan),
+                         (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.int64),
+                          torch.zeros(1, plan.encoder_shape[0], context_dim)),
+                         tmp / fmt.PRECOMPUTE, list(fmt.PRECOMPUTE_INPUTS), ["hidden"],
+                         {k: {0: "batch"} for k in (*fmt.PRECOMPUTE_INPUTS, "hidden")})
+        stage(3)
+        net = lora_mod.inject(HollowedNet(unet, plan), plan.lora, plan.lora_targets, seed=settings.seed)
+        args = (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.int64), torch.zeros(1, *plan.encoder_shape),
+                torch.zeros(1, *plan.buffer_shape), torch.zeros(1, c, h, w))
+        trainable, frozen = backend().write_artifacts(net, args, list(fmt.TRAIN_INPUTS), tmp, settings)
+        stage(4)
+        params = dict(net.named_parameters())
+        manifest = fmt.make_manifest(
+            folder=tmp,
+            identity=identity,
+            plan=plan.to_json(),
+            prompts={"instance": instance_prompt, "class": class_prompt},
+            lora=[dict(item, shape=list(params[item["name"]].shape)) for item in lora_names(trainable)],
+            frozen_params=len(frozen),
+            hyper={**asdict(settings), "rank": plan.lora.rank, "alpha": plan.lora.lora_alpha,
+                   "prediction_type": pipe.scheduler.config.prediction_type,
+                   "num_train_timesteps": pipe.scheduler.config.num_train_timesteps,
+                   "resolution": plan.resolution},
+            memory={
+                "vae_encoder_param_bytes": param_bytes(vae.encoder) + param_bytes(vae.quant_conv),
+                "precompute_param_bytes": plan.precompute_params * 4,
+                "hollowed_base_param_bytes": plan.kept_params * 4,  # the kept layers' base weights (v1 key)
+                "lora_param_bytes": plan.lora_params * 4,
+                "optimizer_state_bytes": plan.lora_params * 4 * 2,
+                "buffer_bytes_per_sample_fp32": plan.buffer_bytes_fp32,
+            },
+        )
+        bar.update(1)
+        bar.close()
+        manifest["build_seconds"] = round(time.time() - started, 1)
+        fmt.write_manifest(tmp, manifest)
+    return manifest
+
+
+def build_bundle(out: Path, instance_prompt: str, class_prompt: str, settings: BuildSettings,
+                 model: str | None = None, arch: str | None = None, **plan_options) -> tuple[dict, HollowPlan]:
+    """`hollow-export build`: load the model, plan it from the options, write the bundle; (manifest, plan)."""
+    from ..hollow.plan import plan_from_options
+    from ..models.load import load_pipeline, model_identity
+
+    pipe = load_pipeline(model, arch)
+    plan = plan_from_options(pipe.unet, **plan_options)
+    return build(pipe, plan, Path(out), instance_prompt, class_prompt, settings, model_identity(model, arch)), plan

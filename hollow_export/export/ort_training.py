@@ -1,0 +1,133 @@
+"""ONNX Runtime on-device training artifacts of a trainable net: the `ort_training` backend.
+
+In:  a net with LoRA injected that returns the loss, example inputs and their names, an output
+     folder, the AdamW settings.
+Out: training_model.onnx, eval_model.onnx, optimizer_model.onnx (AdamW with PyTorch semantics,
+     adam_mode 0, IR <= 10 for ORT 1.19.2) and the checkpoint (LoRA trainable, kept weights
+     frozen), plus the (trainable, frozen) names.
+
+The training graph is exported without its frozen weights: they become named graph inputs, which
+ORT's training session feeds from the checkpoint by name, and the checkpoint is written from the
+torch tensors directly. So `generate_artifacts` only ever sees a graph of a few MB, whatever the
+model size (it peaks near 8x the bytes of the graph it is given), and a >2 GB net never meets
+protobuf's 2 GB limit. ORT 1.19.2 lacks gradients or CPU kernels for three ops the U-Net exports
+to; `onnx.ort_friendly` swaps the modules behind them for basic-op twins.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from .. import bundle as fmt
+from ..hollow.lora import AdamWSettings
+from .onnx import OPSET, ort_friendly
+
+MAX_ORT_IR_VERSION = 10  # ORT 1.19.2 loads IR <= 10
+ARTIFACT_GRAPHS = (fmt.OPTIMIZER_MODEL, fmt.TRAINING_MODEL, fmt.EVAL_MODEL)
+
+
+def _lift_frozen_to_inputs(model: onnx.ModelProto, frozen: set[str]) -> list[str]:
+    """Move frozen initializers out of the graph into named inputs (fed from the checkpoint by ORT)."""
+    keep, lifted = [], []
+    for init in model.graph.initializer:
+        if init.name in frozen:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+            lifted.append(init.name)
+        else:
+            keep.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return lifted
+
+
+def export_training_graph(net: nn.Module, args: tuple, input_names: list[str], path: Path) -> tuple[list, list]:
+    """`net` (LoRA injected, returning the loss) as ONNX in TRAINING mode, frozen weights as named inputs.
+
+    Returns (trainable names, frozen names) as they appear in the graph.
+    """
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        raw = Path(scratch) / "graph.onnx"  # weights land beside it when over 2 GB: the proto stays small
+        torch.onnx.export(net, args, str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.TRAINING, input_names=input_names,
+                          output_names=["loss"], export_params=True, keep_initializers_as_inputs=False)
+        model = onnx.load(str(raw), load_external_data=False)
+        names = {n for n, _ in net.named_parameters()}
+        trainable = [i.name for i in model.graph.initializer if ".lora_" in i.name]
+        frozen_in_graph = {i.name for i in model.graph.initializer if i.name in names and ".lora_" not in i.name}
+        frozen = _lift_frozen_to_inputs(model, frozen_in_graph)
+        onnx.load_external_data_for_model(model, scratch)  # what is left: LoRA and the exporter's constants
+    onnx.save(model, str(path))
+    return trainable, frozen
+
+
+def _pytorch_adamw(optimizer: onnx.ModelProto) -> None:
+    """adam_mode 0 (PyTorch's AdamW) instead of onnxblock's default 1 (Hugging Face's)."""
+    for node in optimizer.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attr in node.attribute:
+                if attr.name == "adam_mode":
+                    attr.i = 0
+
+
+def generate_training_artifacts(graph_path: Path, trainable: list[str], out: Path, optimizer: AdamWSettings) -> None:
+    """training/eval/optimizer models via onnxruntime.training.artifacts; loss is the graph's first output.
+
+    A rewrite of the exported training graph for memory belongs between `export_training_graph`
+    and this call (it reads `graph_path`); a rewrite of the generated graphs belongs in the loop below.
+    """
+    import onnxruntime
+    from onnxruntime.training import artifacts, onnxblock
+
+    onnxruntime.set_default_logger_severity(3)  # the gradient builder logs every graph pass at INFO
+    artifacts.generate_artifacts(
+        onnx.load(str(graph_path)), requires_grad=trainable, frozen_params=[], loss=None,
+        optimizer=onnxblock.optim.AdamW(bias_correction=True, betas=optimizer.betas, eps=optimizer.eps,
+                                        weight_decay=optimizer.weight_decay),
+        artifact_directory=str(out))
+    for name in ARTIFACT_GRAPHS:
+        model = onnx.load(str(out / name))
+        if name == fmt.OPTIMIZER_MODEL:
+            _pytorch_adamw(model)
+        model.ir_version = min(model.ir_version, MAX_ORT_IR_VERSION)
+        onnx.save(model, str(out / name))
+    (out / fmt.CHECKPOINT).unlink()  # replaced by write_checkpoint (frozen weights included)
+
+
+def write_checkpoint(net: nn.Module, trainable: list[str], frozen: list[str], path: Path) -> None:
+    """ORT checkpoint straight from the torch tensors: LoRA trainable, kept weights frozen."""
+    from onnxruntime.training.onnxblock import save_checkpoint
+
+    params = dict(net.named_parameters())
+
+    def proto(name):
+        return onnx.numpy_helper.from_array(params[name].detach().cpu().numpy(), name)
+    save_checkpoint(([proto(n) for n in trainable], [proto(n) for n in frozen]), str(path))
+
+
+def write_artifacts(net: nn.Module, args: tuple, input_names: list[str], out: Path,
+                    optimizer: AdamWSettings) -> tuple[list, list]:
+    """training/eval/optimizer models and checkpoint of `net` into `out`; returns (trainable, frozen) names."""
+    ort_friendly(net)
+    graph = out / "graph_for_artifacts.onnx"
+    with torch.enable_grad():
+        trainable, frozen = export_training_graph(net, args, input_names, graph)
+    generate_training_artifacts(graph, trainable, out, optimizer)
+    graph.unlink()
+    gc.collect()
+    write_checkpoint(net, trainable, frozen, out / fmt.CHECKPOINT)
+    return trainable, frozen
+
+
+class OrtTrainingBackend:
+    """ONNX Runtime's on-device training API (what the Android app and the Python device runtime run)."""
+
+    name = "ort_training"
+
+    def write_artifacts(self, net, args, input_names, out, optimizer):
+        return write_artifacts(net, args, input_names, out, optimizer)

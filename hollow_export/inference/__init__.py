@@ -1,0 +1,1 @@
+"""Images from a personalized model: the torch generator and the ONNX Runtime engine."""
