@@ -15,7 +15,7 @@ import click
 
 from .errors import HollowError
 from .hollow.plan import TARGET_PRESETS
-from .models.registry import ARCHS, BENCH_ARCHS
+from .models.registry import ARCHS, BENCH_ARCHS, VARIANTS
 
 
 class Group(click.Group):
@@ -28,9 +28,17 @@ class Group(click.Group):
             raise click.ClickException(str(err)) from err
 
 
+def variant_option(default_text="the plain weight files"):
+    return click.option("--variant", type=click.Choice(VARIANTS), default=None,
+                        help="Diffusers weight variant --model was saved as (fp16: diffusion_pytorch_model.fp16"
+                             f".safetensors; computed in fp32). Default: {default_text}.")
+
+
 def model_options(f):
+    f = variant_option()(f)
     f = click.option("--arch", type=click.Choice(ARCHS), default=None,
-                     help="Built-in architecture (random weights for sd15/sd21). Default: tiny.")(f)
+                     help="Built-in architecture: tiny (default), tiny-bk-small/tiny-bk-tiny (small BK-SDM-shaped "
+                          "pipelines), or random weights for sd15, sd21, bk-sdm-base/small/tiny.")(f)
     f = click.option("--model", type=click.Path(), default=None,
                      help="Local diffusers Stable Diffusion folder (loaded with from_pretrained, local files only).")(f)
     return f
@@ -68,10 +76,10 @@ def main():
 @model_options
 @plan_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
-def plan(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution, as_json):
+def plan(model, arch, variant, fraction, depth, rank, alpha, targets, blocks, resolution, as_json):
     """Show what is hollowed and kept, parameter counts, LoRA size and buffer shape."""
     from .hollow.plan import plan_for_model, plan_table
-    p = plan_for_model(model, arch, **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
+    p = plan_for_model(model, arch, variant, **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else plan_table(p))
 
 
@@ -90,14 +98,14 @@ def plan(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution,
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--out", type=click.Path(), default="runs/personalized", show_default=True)
-def personalize(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution, images,
+def personalize(model, arch, variant, fraction, depth, rank, alpha, targets, blocks, resolution, images,
                 instance_prompt, class_prompt, method, steps, samples, lr, batch_size, seed, device, out):
     """Host reference trainer: collection (precompute buffer) then LoRA fine-tuning."""
     from .train.trainer import TrainSettings, personalize_from_options
     settings = TrainSettings(method=method, steps=steps, samples=samples, lr=lr, batch_size=batch_size,
                              seed=seed, device=device)
     record = personalize_from_options(Path(images), instance_prompt, class_prompt, Path(out), settings, model, arch,
-                                      **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
+                                      variant, **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
     click.echo(f"{method}: fixed-batch loss {record['fixed_batch_loss_before']:.5f} -> "
                f"{record['fixed_batch_loss_after']:.5f}; peak memory {record['peak_memory_bytes'] / 2**20:.0f} MiB "
                f"({record['peak_memory_kind']}); LoRA written to {Path(out) / record['lora_file']}")
@@ -117,11 +125,11 @@ def personalize(model, arch, fraction, depth, rank, alpha, targets, blocks, reso
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), default="runs/image.png", show_default=True,
               help="PNG path; with several prompts, _N is added per prompt and _sheet for the contact sheet.")
-def generate(model, arch, lora_dir, prompt, engine, inference, class_prompt, steps, guidance, seed, out):
+def generate(model, arch, variant, lora_dir, prompt, engine, inference, class_prompt, steps, guidance, seed, out):
     """Generate images with the personalized model, dual or single path."""
     from .inference.generate import generate_files
     generate_files(Path(lora_dir), list(prompt), Path(out), engine, inference, steps, guidance, seed, class_prompt,
-                   model, arch, log=click.echo)
+                   model, arch, log=click.echo, variant=variant)
 
 
 @main.command()
@@ -130,10 +138,11 @@ def generate(model, arch, lora_dir, prompt, engine, inference, class_prompt, ste
 @click.option("--model", type=click.Path(), default=None,
               help="Base model folder (default: the one the bundle was built from).")
 @click.option("--out", type=click.Path(), default="runs/merged", show_default=True)
-def merge(bundle_dir, lora_file, model, out):
+@variant_option("the one the bundle was built with")
+def merge(bundle_dir, lora_file, model, out, variant):
     """Merge the returned LoRA: diffusers LoRA file, single-path (optimum layout) and dual-path ONNX."""
     from .merge import merge_bundle
-    record = merge_bundle(Path(bundle_dir), Path(lora_file), Path(out), model)
+    record = merge_bundle(Path(bundle_dir), Path(lora_file), Path(out), model, variant)
     click.echo(f"merged into {out}: {record['lora_file']}, single/ (optimum ONNX layout), dual/")
 
 
@@ -167,13 +176,13 @@ def evaluate(generated, reference, prompts, clip_path, dino_path, out):
 @click.option("--samples", type=int, default=200, show_default=True, help="Default buffered samples.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), default="runs/bundle", show_default=True)
-def build(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution, instance_prompt, class_prompt,
+def build(model, arch, variant, fraction, depth, rank, alpha, targets, blocks, resolution, instance_prompt, class_prompt,
           lr, beta1, beta2, eps, weight_decay, steps, samples, seed, out):
     """Write the on-device bundle: precompute graph, ORT training artifacts, manifest."""
     from .export.build import BuildSettings, build_bundle
     settings = BuildSettings(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, steps=steps,
                              samples=samples, seed=seed)
-    manifest, p = build_bundle(Path(out), instance_prompt, class_prompt, settings, model, arch,
+    manifest, p = build_bundle(Path(out), instance_prompt, class_prompt, settings, model, arch, variant,
                                **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
     size = sum(f["bytes"] for f in manifest["files"].values())
     click.echo(f"bundle {out}: depth {p.depth} ({p.hollowed_fraction:.1%} hollowed), LoRA rank {p.lora.rank} "

@@ -145,9 +145,11 @@ def merge(pipe, bundle_dir: Path, lora_file: Path, out: Path) -> dict:
     return record
 
 
-def merge_bundle(bundle_dir: Path, lora_file: Path, out: Path, model: str | None = None) -> dict:
-    """`hollow-export merge`: the base model the bundle was built from (or `model`), then `merge`."""
+def merge_bundle(bundle_dir: Path, lora_file: Path, out: Path, model: str | None = None,
+                 variant: str | None = None) -> dict:
+    """`hollow-export merge`: the base model the bundle was built from, in the weight variant it was built
+    with (or `model` in `variant`), then `merge`."""
     from .models.load import pipeline_for
 
     identity = Bundle.from_pretrained(bundle_dir, verify=False).manifest["model"]
-    return merge(pipeline_for(identity, model), Path(bundle_dir), Path(lora_file), Path(out))
+    return merge(pipeline_for(identity, model, variant), Path(bundle_dir), Path(lora_file), Path(out))

@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded tiny pipeline and a small random SD2-style U-Net."""
+"""Shared fixtures: the embedded tiny pipeline, its BK-SDM-shaped siblings and a small random SD2-style U-Net."""
 
 import os
 import tempfile
@@ -35,6 +35,20 @@ def tiny_pipe():
 def tiny_unet():
     from hollow_export.models.load import load_unet
     return load_unet(arch="tiny")
+
+
+@pytest.fixture()
+def tiny_bk_small_unet():
+    """BK-SDM-Small's shape (no mid block, one layer per block) at tiny size."""
+    from hollow_export.models.load import load_unet
+    return load_unet(arch="tiny-bk-small")
+
+
+@pytest.fixture()
+def tiny_bk_tiny_unet():
+    """BK-SDM-Tiny's shape (no mid block, one layer per block, no innermost stage) at tiny size."""
+    from hollow_export.models.load import load_unet
+    return load_unet(arch="tiny-bk-tiny")
 
 
 @pytest.fixture()

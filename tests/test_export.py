@@ -21,13 +21,20 @@ from conftest import feed_buffer, small_sd2_pipeline
 SETTINGS = BuildSettings(lr=1e-3, weight_decay=1e-2)
 
 
-@pytest.fixture(scope="module", params=["tiny", "small_sd2"])
+DEPTHS = {"tiny": 3, "small_sd2": 5, "tiny-bk-tiny": 2}  # tiny-bk-tiny: BK-SDM-Tiny's shape, no mid block
+
+
+def _pipe(name):
+    return small_sd2_pipeline() if name == "small_sd2" else load_pipeline(arch=name)
+
+
+@pytest.fixture(scope="module", params=["tiny", "small_sd2", "tiny-bk-tiny"])
 def built(request, tmp_path_factory):
-    pipe = load_pipeline(arch="tiny") if request.param == "tiny" else small_sd2_pipeline()
-    plan = make_plan(pipe.unet, depth=3 if request.param == "tiny" else 5, lora=LoraSpec(rank=4, alpha=8.0))
+    pipe = _pipe(request.param)
+    plan = make_plan(pipe.unet, depth=DEPTHS[request.param], lora=LoraSpec(rank=4, alpha=8.0))
     out = tmp_path_factory.mktemp("bundle") / "b"
     manifest = build(pipe, plan, out, "a sks dog", "a dog", SETTINGS, {"source": request.param})
-    fresh = load_pipeline(arch="tiny") if request.param == "tiny" else small_sd2_pipeline()  # untouched by the build
+    fresh = _pipe(request.param)  # untouched by the build
     return out, manifest, plan, fresh
 
 

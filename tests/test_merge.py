@@ -40,11 +40,12 @@ def phone_lora(bundle, out, seed=0):
     return out / dexport.LORA_EXPORT
 
 
-@pytest.fixture(scope="module", params=["tiny", "small_sd2"])
+@pytest.fixture(scope="module", params=["tiny", "small_sd2", "tiny-bk-small"])
 def merged(request, tmp_path_factory):
-    make = (lambda: load_pipeline(arch="tiny")) if request.param == "tiny" else small_sd2_pipeline
+    make = small_sd2_pipeline if request.param == "small_sd2" else (lambda: load_pipeline(arch=request.param))
     pipe = make()
-    plan = make_plan(pipe.unet, depth=3 if request.param == "tiny" else 5, lora=LoraSpec(rank=4, alpha=2.0))
+    depth = {"tiny": 3, "small_sd2": 5, "tiny-bk-small": 3}[request.param]  # tiny-bk-small: no mid block
+    plan = make_plan(pipe.unet, depth=depth, lora=LoraSpec(rank=4, alpha=2.0))
     root = tmp_path_factory.mktemp(f"merge-{request.param}")
     build(pipe, plan, root / "bundle", "a sks dog", "a dog", BuildSettings(), {"source": request.param})
     lora_file = phone_lora(root / "bundle", root)

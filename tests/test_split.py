@@ -3,19 +3,21 @@
 import pytest
 import torch
 
-from hollow_export.hollow.plan import make_plan, max_depth, walk
+from hollow_export.hollow.plan import make_plan, max_depth, min_depth, walk
 from hollow_export.hollow.split import HollowedNet, PrecomputeNet, unet_forward
 
 from conftest import unet_inputs
 
 
-@pytest.mark.parametrize("which", ["tiny_unet", "small_sd2_unet"])
+@pytest.mark.parametrize("which", ["tiny_unet", "small_sd2_unet", "tiny_bk_small_unet", "tiny_bk_tiny_unet"])
 def test_every_depth_is_exact(which, request):
     unet = request.getfixturevalue(which)
     x, t, e = unet_inputs(unet)
+    units = walk(unet)
+    assert min_depth(units) == (0 if unet.mid_block is not None else 1)
     with torch.no_grad():
         reference = unet(x, t, e).sample
-        for depth in range(max_depth(walk(unet)) + 1):
+        for depth in range(min_depth(units), max_depth(units) + 1):
             plan = make_plan(unet, depth=depth)
             hidden = PrecomputeNet(unet, plan)(x, t, e)
             assert list(hidden.shape[1:]) == plan.buffer_shape

@@ -34,6 +34,7 @@ from ..hollow import lora as lora_mod
 from ..hollow.lora import AdamWSettings
 from ..hollow.plan import HollowPlan
 from ..hollow.split import HollowedNet, PrecomputeNet
+from ..models.load import check_prediction_type
 from ..models.prompts import encode_prompt
 from .backend import backend
 from .onnx import export_inference, param_bytes
@@ -75,6 +76,7 @@ def lora_names(trainable: list[str]) -> list[dict]:
 def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt: str,
           settings: BuildSettings, identity: dict) -> dict:
     """Write the bundle for `plan` into `out` (atomically); return the manifest."""
+    check_prediction_type(pipe.scheduler.config)
     started = time.time()
     stages = ["prompts + schedule", "vae_encoder.onnx", "precompute.onnx", "training artifacts", "manifest"]
     bar = tqdm(total=len(stages), desc="build", unit="stage")
@@ -137,11 +139,15 @@ def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt:
 
 
 def build_bundle(out: Path, instance_prompt: str, class_prompt: str, settings: BuildSettings,
-                 model: str | None = None, arch: str | None = None, **plan_options) -> tuple[dict, HollowPlan]:
-    """`hollow-export build`: load the model, plan it from the options, write the bundle; (manifest, plan)."""
+                 model: str | None = None, arch: str | None = None, variant: str | None = None,
+                 **plan_options) -> tuple[dict, HollowPlan]:
+    """`hollow-export build`: check the model's prediction type (before loading it), load it, plan it from
+    the options, write the bundle; (manifest, plan)."""
     from ..hollow.plan import plan_from_options
-    from ..models.load import load_pipeline, model_identity
+    from ..models.load import load_pipeline, model_identity, scheduler_config
 
-    pipe = load_pipeline(model, arch)
+    check_prediction_type(scheduler_config(model, arch))
+    pipe = load_pipeline(model, arch, variant)
     plan = plan_from_options(pipe.unet, **plan_options)
-    return build(pipe, plan, Path(out), instance_prompt, class_prompt, settings, model_identity(model, arch)), plan
+    identity = model_identity(model, arch, variant)
+    return build(pipe, plan, Path(out), instance_prompt, class_prompt, settings, identity), plan

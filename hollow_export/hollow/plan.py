@@ -11,6 +11,11 @@ one skip tensor; the mid block; then up units (each resnet(+attention) layer
 of an up block pops one skip; an upsampler closes an up block); then the
 head. Depth `k` hollows the innermost `k` skip pairs: the last `k` skip
 producers, the mid block, and every up unit before the `k+1`-th up layer.
+
+U-Nets without a mid block (the BK-SDM family, `mid_block_type: null`) walk
+the same way with no mid unit: depth `k` still hollows the innermost `k` skip
+pairs, so depth 0 would hollow nothing and their depths start at 1 (the
+innermost skip pair: the last down unit and the first up layer).
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ class HollowPlan:
     """What is hollowed and what is kept, with the numbers that follow from it."""
 
     depth: int
-    max_depth: int
+    max_depth: int  # valid depths: 0 (1 without a mid block) .. max_depth
     units: list[Unit]
     hollowed_modules: list[str]  # module names removed while fine-tuning
     kept_modules: list[str]  # module names of the kept layers (the HollowedNet, trained), original names
@@ -140,7 +145,7 @@ def check_supported(unet) -> None:
     for i, block in enumerate(unet.up_blocks):
         if type(block).__name__ not in SUPPORTED_UP:
             problems.append(f"up_blocks.{i} is {type(block).__name__}")
-    if type(unet.mid_block).__name__ not in SUPPORTED_MID:
+    if unet.mid_block is not None and type(unet.mid_block).__name__ not in SUPPORTED_MID:
         problems.append(f"mid_block is {type(unet.mid_block).__name__}")
     if unet.conv_norm_out is None:
         problems.append("no conv_norm_out")
@@ -148,7 +153,7 @@ def check_supported(unet) -> None:
         raise PlanError(
             "this U-Net variant is not supported by the unit walk: " + "; ".join(problems)
             + ". Supported: Stable Diffusion 1.x/2.x U-Nets (blocks "
-            + ", ".join(SUPPORTED_DOWN + SUPPORTED_MID + SUPPORTED_UP) + ")."
+            + ", ".join(SUPPORTED_DOWN + SUPPORTED_MID + SUPPORTED_UP) + "; no mid block, as BK-SDM, is fine)."
         )
 
 
@@ -167,7 +172,8 @@ def walk(unet) -> list[Unit]:
         if block.downsamplers is not None:
             units.append(Unit("downsample", (f"down_blocks.{b}.downsamplers.0",), skip=skip))
             skip += 1
-    units.append(Unit("mid", ("mid_block",)))
+    if unet.mid_block is not None:  # BK-SDM U-Nets have none: the last down unit feeds the first up layer
+        units.append(Unit("mid", ("mid_block",)))
     for b, block in enumerate(unet.up_blocks):
         for i in range(len(block.resnets)):
             skip -= 1
@@ -209,6 +215,18 @@ def max_depth(units: list[Unit]) -> int:
     return sum(1 for u in units if u.kind in ("down", "downsample")) - 1
 
 
+def min_depth(units: list[Unit]) -> int:
+    """Shallowest cut that hollows something: 0 (the mid block alone), or 1 for a U-Net without a mid block."""
+    return 0 if any(u.kind == "mid" for u in units) else 1
+
+
+def depth_range_text(units: list[Unit]) -> str:
+    """The valid depths in words, for error messages."""
+    low = min_depth(units)
+    what = "mid block only" if low == 0 else "the innermost skip pair; this U-Net has no mid block"
+    return f"between {low} ({what}) and {max_depth(units)}"
+
+
 def _param_count(unet, names) -> int:
     return sum(p.numel() for n in names for p in unet.get_submodule(n).parameters())
 
@@ -235,10 +253,11 @@ def depth_for_fraction(unet, fraction: float) -> int:
     units = walk(unet)
     total = sum(p.numel() for p in unet.parameters())
     shares = []
-    for depth in range(max_depth(units) + 1):
+    depths = list(range(min_depth(units), max_depth(units) + 1))
+    for depth in depths:
         hollowed, _ = split_units(units, depth)
         shares.append(abs(_param_count(unet, _names(hollowed)) / total - fraction))
-    return min(range(len(shares)), key=shares.__getitem__)
+    return depths[min(range(len(shares)), key=shares.__getitem__)]
 
 
 def _names(units: list[Unit]) -> list[str]:
@@ -275,8 +294,8 @@ def make_plan(unet, depth: int | None = None, fraction: float | None = None,
         raise PlanError("give exactly one of --depth K or --fraction F")
     if depth is None:
         depth = depth_for_fraction(unet, fraction)
-    if not 0 <= depth <= deepest:
-        raise PlanError(f"--depth must be between 0 (mid block only) and {deepest} for this U-Net (got {depth})")
+    if not min_depth(units) <= depth <= deepest:
+        raise PlanError(f"--depth must be {depth_range_text(units)} for this U-Net (got {depth})")
     lora = lora or LoraSpec()
     if lora.rank < 1:
         raise PlanError(f"--rank must be at least 1 (got {lora.rank})")
@@ -335,7 +354,7 @@ def plan_table(plan: HollowPlan) -> str:
     def m(n):
         return f"{n / 1e6:,.2f}M"
     rows = [
-        ("hollow depth", f"{plan.depth} of 0..{plan.max_depth}"),
+        ("hollow depth", f"{plan.depth} of {min_depth(plan.units)}..{plan.max_depth}"),
         ("hollowed fraction", f"{plan.hollowed_fraction:.1%} of U-Net parameters"),
         ("U-Net parameters", f"{plan.unet_params:,} ({m(plan.unet_params)})"),
         ("hollowed (removed) params", f"{plan.hollowed_params:,} ({m(plan.hollowed_params)})"),
@@ -356,8 +375,9 @@ def plan_table(plan: HollowPlan) -> str:
 
 
 
-def plan_for_model(model: str | None = None, arch: str | None = None, **plan_options) -> HollowPlan:
-    """`hollow-export plan`: the plan of a model's U-Net, built on the meta device (no weights)."""
+def plan_for_model(model: str | None = None, arch: str | None = None, variant: str | None = None,
+                   **plan_options) -> HollowPlan:
+    """`hollow-export plan`: the plan of a model's U-Net, built on the meta device (no weights read)."""
     from ..models.load import load_unet
 
-    return plan_from_options(load_unet(model, arch, meta=True), **plan_options)
+    return plan_from_options(load_unet(model, arch, meta=True, variant=variant), **plan_options)

@@ -87,13 +87,14 @@ def pop_skip(unit: Unit, skips: list):
 
 
 class PrecomputeNet(nn.Module):
-    """Frozen original path to the buffer: all down units, the mid block, the hollowed up units."""
+    """Frozen original path to the buffer: all down units, the mid block (if any), the hollowed up units."""
 
     def __init__(self, unet, plan: HollowPlan):
         super().__init__()
         self.plan = plan
         self.down_units = [u for u in plan.units if _is_down(u)]
         self.up_units = [u for u in plan.hollowed_units if u.kind in ("up", "upsample")]
+        self.has_mid = any(u.kind == "mid" for u in plan.units)  # False for BK-SDM U-Nets
         self.time_proj = unet.time_proj  # no parameters
         for name in plan.precompute:
             graft(self, name, unet.get_submodule(name))
@@ -105,7 +106,8 @@ class PrecomputeNet(nn.Module):
         for unit in self.down_units:
             h = run_down(self, unit, h, emb, encoder_hidden_states)
             skips.append(h)
-        h = run_mid(self, h, emb, encoder_hidden_states)
+        if self.has_mid:
+            h = run_mid(self, h, emb, encoder_hidden_states)
         for unit in self.up_units:
             h = run_up(self, unit, h, emb, encoder_hidden_states, pop_skip(unit, skips))
         return h

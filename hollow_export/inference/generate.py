@@ -168,11 +168,12 @@ def image_paths(out: Path, count: int) -> tuple[list[Path], Path | None]:
 
 def generate_files(lora_dir: Path, prompts: list[str], out: Path, engine: str = "torch", path: str = "dual",
                    steps: int = 25, guidance: float = 7.5, seed: int = 0, class_prompt: str | None = None,
-                   model: str | None = None, arch: str | None = None, log=print) -> list[Path]:
+                   model: str | None = None, arch: str | None = None, log=print,
+                   variant: str | None = None) -> list[Path]:
     """`hollow-export generate`: one PNG per prompt (and a contact sheet for several), written atomically."""
     if engine == "torch":
         from ..models.load import load_pipeline
-        pipe = load_pipeline(model, arch)
+        pipe = load_pipeline(model, arch, variant)
     targets, sheet = image_paths(out, len(prompts))
     images, written = [], []
     for text, target in zip(prompts, targets):

@@ -1,17 +1,22 @@
 """Loading the Stable Diffusion pipeline: a local diffusers folder or a registry architecture.
 
-In:  a local diffusers folder (`--model PATH`) or an architecture name from
-     the registry (`tiny`, `sd15`, `sd21`; `mid` for benchmarks), or a bundle's
-     model identity (`pipeline_for`).
+In:  a local diffusers folder (`--model PATH`, optionally saved as a weight
+     `--variant` such as fp16) or an architecture name from the registry
+     (`tiny`, `sd15`, `sd21`, the BK-SDM family; `mid` for benchmarks), or a
+     bundle's model identity (`pipeline_for`).
 Out: diffusers objects (a `StableDiffusionPipeline`, or just its
-     `UNet2DConditionModel`), loaded through the normal `from_pretrained`
-     code path with `local_files_only=True`.
+     `UNet2DConditionModel`, always fp32), loaded through the normal
+     `from_pretrained` code path with `local_files_only=True`; the scheduler's
+     config alone (`scheduler_config`, no weights read) to check its
+     prediction type before any work. A folder that cannot be loaded is one
+     ModelError naming the folder and the missing file.
 
 `tiny` is the embedded default: a complete SD-shaped pipeline made from the
 configs in `models/tiny/` with a fixed seed, saved once in diffusers layout
-under the cache folder and then loaded like any user's model. `sd15`/`sd21`
-are the real architectures with random weights (memory and FLOPs do not
-depend on weight values), built in memory for planning and benchmarks.
+under the cache folder and then loaded like any user's model (so are
+`tiny-bk-small`/`tiny-bk-tiny`). `sd15`/`sd21`/`bk-sdm-*` are the real
+architectures with random weights (memory and FLOPs do not depend on weight
+values), built in memory for planning and benchmarks.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-from .registry import BENCH_ARCHS, DEFAULT_ARCH, SEED, ModelError, arch_config, check_arch, config_digest
+from .registry import (BENCH_ARCHS, DEFAULT_ARCH, KNOWN_ARCHS, MATERIALIZED, SEED, ModelError, arch_config,
+                       check_arch, check_variant, config_digest)
+
 
 def cache_dir() -> Path:
     """Folder for materialised models; `HOLLOW_EXPORT_CACHE` overrides it."""
@@ -106,19 +113,93 @@ def resolve(model: str | None, arch: str | None) -> tuple[str, Path | None]:
                 "unet/config.json); pass the folder that `save_pretrained` wrote"
             )
         return "local", folder
-    arch = check_arch(arch or DEFAULT_ARCH, BENCH_ARCHS)
-    return arch, (materialize("tiny") if arch == "tiny" else None)
+    arch = check_arch(arch or DEFAULT_ARCH, KNOWN_ARCHS)
+    return arch, (materialize(arch) if arch in MATERIALIZED else None)
 
 
-def load_pipeline(model: str | None = None, arch: str | None = None):
-    """A `StableDiffusionPipeline` (fp32, CPU, eval mode) from a folder or an architecture name."""
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+SAVED_BY = "; pass the folder that `save_pretrained` wrote"
+
+
+def check_model_folder(folder: Path, variant: str | None, parts=("unet", "vae", "text_encoder")) -> None:
+    """Raise ModelError naming the folder and the first missing file, before diffusers fails on it.
+
+    `folder` is a pipeline folder (parts in sub-folders) or, for the U-Net alone, a U-Net folder.
+    """
+    check_variant(variant)
+    for part in parts:
+        alone = part == "unet" and not (folder / "unet").is_dir() and (folder / "config.json").exists()
+        rel = "" if alone else f"{part}/"
+        sub = folder / rel
+        if not (sub / "config.json").exists():
+            raise ModelError(f"{folder}: missing {rel}config.json{SAVED_BY}")
+        plain = WEIGHT_STEMS[part]
+        stem = plain + (f".{variant}" if variant else "")
+        names = {p.name for p in sub.iterdir()}
+        if any(stem + suffix in names for suffix in WEIGHT_SUFFIXES):
+            continue
+        hint = SAVED_BY
+        if variant is None and any(n.startswith(plain + ".fp16.") for n in names):
+            hint = "; it holds only the fp16 variant: add --variant fp16"
+        elif variant is not None and any(plain + suffix in names for suffix in WEIGHT_SUFFIXES):
+            hint = f"; it holds no {variant} variant: leave out --variant"
+        raise ModelError(f"{folder}: missing {rel}{stem}.safetensors (the {part} weights){hint}")
+
+
+def scheduler_config(model: str | None, arch: str | None) -> dict:
+    """The scheduler's config, read without loading any weights (to check it before any work)."""
+    name, folder = resolve(model, arch)
+    if name != "local":
+        return arch_config(name, "scheduler")
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.exists():
+        raise ModelError(f"{folder}: missing scheduler/scheduler_config.json{SAVED_BY}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path} is not readable JSON ({err}); restore it from the original model") from err
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # the training targets device/collect.py and Training.kt compute
+
+
+def check_prediction_type(config: dict) -> None:
+    """Refuse, before any work, a model whose training target the device runtime cannot compute."""
+    kind = config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ModelError(
+            f"the model's scheduler has prediction_type {kind!r}; only epsilon (noise) and v_prediction "
+            "(velocity) models can be fine-tuned: use such a model (its scheduler_config.json says which)")
+
+
+def _from_pretrained(cls, folder: Path, variant: str | None, **kwargs):
+    """`cls.from_pretrained` with local files only, fp32, every failure one ModelError naming the folder."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars would bury the tool's output
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, variant=variant, torch_dtype=torch.float32,
+                                   **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{folder} could not be loaded: {first}") from err
+    finally:
+        diffusers_logging.enable_progress_bar()
+
+
+def load_pipeline(model: str | None = None, arch: str | None = None, variant: str | None = None):
+    """A `StableDiffusionPipeline` (fp32, CPU, eval mode) from a folder (its weight `variant`, if saved
+    as one) or an architecture name."""
     from diffusers import StableDiffusionPipeline
 
     name, folder = resolve(model, arch)
+    if name != "local":
+        variant = None  # the registry's folders are saved plain
     if folder is not None:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, local_files_only=True, safety_checker=None, requires_safety_checker=False
-        )
+        check_model_folder(folder, variant)
+        pipe = _from_pretrained(StableDiffusionPipeline, folder, variant, safety_checker=None,
+                                requires_safety_checker=False)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             parts = _random_parts(name, Path(tmp) / "tokenizer")
@@ -129,14 +210,18 @@ def load_pipeline(model: str | None = None, arch: str | None = None):
     return pipe
 
 
-def load_unet(model: str | None = None, arch: str | None = None, meta: bool = False):
+def load_unet(model: str | None = None, arch: str | None = None, meta: bool = False, variant: str | None = None):
     """Only the U-Net. `meta=True` builds it without memory (for shapes and parameter counts)."""
     from diffusers import UNet2DConditionModel
 
     name, folder = resolve(model, arch)
+    if name != "local":
+        variant = None
+    check_variant(variant)
     if folder is not None and not meta:
+        check_model_folder(folder, variant, parts=("unet",))
         sub = "unet" if (folder / "unet").exists() else None
-        return UNet2DConditionModel.from_pretrained(folder, subfolder=sub, local_files_only=True).eval()
+        return _from_pretrained(UNet2DConditionModel, folder, variant, subfolder=sub).eval()
     if folder is not None:
         cfg_path = folder / "unet" / "config.json" if (folder / "unet").exists() else folder / "config.json"
         config = json.loads(cfg_path.read_text())
@@ -147,10 +232,13 @@ def load_unet(model: str | None = None, arch: str | None = None, meta: bool = Fa
         return UNet2DConditionModel.from_config(config).eval()
 
 
-def model_identity(model: str | None, arch: str | None) -> dict:
-    """What a manifest or record says about where the weights came from."""
+def model_identity(model: str | None, arch: str | None, variant: str | None = None) -> dict:
+    """What a manifest or record says about where the weights came from (a local folder's variant too)."""
     name, folder = resolve(model, arch)
-    return {"source": name, "path": str(folder) if folder else None, "seed": SEED if name != "local" else None}
+    out = {"source": name, "path": str(folder) if folder else None, "seed": SEED if name != "local" else None}
+    if name == "local" and variant is not None:
+        out["variant"] = variant
+    return out
 
 
 def bench_pipeline(arch: str):
@@ -180,13 +268,14 @@ def bench_pipeline(arch: str):
 BENCH_SOURCE = "bench:"
 
 
-def pipeline_for(identity: dict, model: str | None = None):
-    """The base pipeline a bundle was built from (its manifest's `model`), or `model` when given."""
+def pipeline_for(identity: dict, model: str | None = None, variant: str | None = None):
+    """The base pipeline a bundle was built from (its manifest's `model`, in its recorded weight
+    variant unless `variant` is given), or `model` (in `variant`) when given."""
     if model is not None:
-        return load_pipeline(model=model)
+        return load_pipeline(model=model, variant=variant)
     source = identity.get("source", DEFAULT_ARCH)
     if source == "local":
-        return load_pipeline(model=identity["path"])
+        return load_pipeline(model=identity["path"], variant=variant or identity.get("variant"))
     if source.startswith(BENCH_SOURCE):
         return bench_pipeline(source[len(BENCH_SOURCE):])
     return load_pipeline(arch=source)

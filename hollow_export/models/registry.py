@@ -1,11 +1,16 @@
 """The one architecture registry: names, their diffusers configs, and the fixed seed of random weights.
 
-In:  an architecture name (`tiny`, `sd15`, `sd21`, or the bench-only `mid`) and a pipeline part
+In:  an architecture name (`ARCHS`, or the bench-only `mid`) and a pipeline part
      (`unet`, `vae`, `text_encoder`, `scheduler`).
 Out: the part's JSON config (from the repository's `models/` folder), a digest of the configs.
 
-`ARCHS` are what a user builds from (`--arch`); `BENCH_ARCHS` adds `mid`, SD1.5's layout with
-block_out_channels 128/256/512/512, a mid-size U-Net for benchmarks only.
+`ARCHS` are what a user builds from (`--arch`). `MATERIALIZED` ones are complete small pipelines
+saved once and loaded like a user's folder (`tiny-bk-*`: BK-SDM-shaped U-Nets, no mid block, one
+layer per block; `-tiny` also drops the innermost stage); the others are published architectures
+with random weights, built in memory (`bk-sdm-*`: the U-Net configs of Nota-NetsPresso/BK-SDM
+`src/unet_config/`). `BENCH_ARCHS` adds `mid`, SD1.5's layout with block_out_channels
+128/256/512/512, a mid-size U-Net for benchmarks only. `VARIANTS` are the diffusers weight-file
+variants a `--model` folder may be saved as (`diffusion_pytorch_model.<variant>.safetensors`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from pathlib import Path
 from ..errors import HollowError
 
 MODELS_DIR = Path(__file__).resolve().parent.parent.parent / "models"
-ARCHS = ("tiny", "sd15", "sd21")
+MATERIALIZED = ("tiny", "tiny-bk-small", "tiny-bk-tiny")
+ARCHS = MATERIALIZED + ("sd15", "sd21", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")
 BENCH_ARCHS = ("tiny", "mid", "sd15", "sd21")
+KNOWN_ARCHS = tuple(dict.fromkeys(ARCHS + BENCH_ARCHS))  # every name a config exists for
+VARIANTS = ("fp16",)
 DEFAULT_ARCH = "tiny"
 SEED = 0
 PARTS = ("unet", "vae", "text_encoder", "scheduler")
@@ -30,7 +38,7 @@ class ModelError(HollowError):
     """A model folder or architecture name the tool cannot use (message names the fix)."""
 
 
-def check_arch(arch: str, allowed: tuple[str, ...] = BENCH_ARCHS) -> str:
+def check_arch(arch: str, allowed: tuple[str, ...] = KNOWN_ARCHS) -> str:
     """`arch`, or a ModelError naming the choices."""
     if arch not in allowed:
         raise ModelError(f"unknown --arch {arch!r}; choose one of {', '.join(allowed)}")
@@ -43,6 +51,13 @@ def arch_config(arch: str, part: str) -> dict:
     base, overrides = DERIVED.get(arch, (arch, {}))
     config = json.loads((MODELS_DIR / base / f"{part}.json").read_text())
     return {**config, **overrides} if part == "unet" else config
+
+
+def check_variant(variant: str | None) -> str | None:
+    """`variant` (None: the plain weight files), or a ModelError naming the choices."""
+    if variant is not None and variant not in VARIANTS:
+        raise ModelError(f"unknown --variant {variant!r}; choose one of {', '.join(VARIANTS)} (or leave it out)")
+    return variant
 
 
 def config_digest(arch: str) -> str:

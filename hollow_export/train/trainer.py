@@ -206,11 +206,13 @@ def personalize(pipe, plan: HollowPlan, images: Path, instance_prompt: str, clas
 
 def personalize_from_options(images: Path, instance_prompt: str, class_prompt: str, out: Path,
                              settings: TrainSettings, model: str | None = None, arch: str | None = None,
-                             **plan_options) -> dict:
-    """`hollow-export personalize`: load the model, plan it from the options, train; returns the record."""
+                             variant: str | None = None, **plan_options) -> dict:
+    """`hollow-export personalize`: check the model's prediction type (before loading it), load it, plan it
+    from the options, train; returns the record."""
     from ..hollow.plan import plan_from_options
-    from ..models.load import load_pipeline
+    from ..models.load import check_prediction_type, load_pipeline, scheduler_config
 
-    pipe = load_pipeline(model, arch)
+    check_prediction_type(scheduler_config(model, arch))
+    pipe = load_pipeline(model, arch, variant)
     plan = plan_from_options(pipe.unet, **plan_options)
     return personalize(pipe, plan, Path(images), instance_prompt, class_prompt, Path(out), settings)
