@@ -206,11 +206,16 @@ def personalize(pipe, plan: HollowPlan, images: Path, instance_prompt: str, clas
 
 def personalize_from_options(images: Path, instance_prompt: str, class_prompt: str, out: Path,
                              settings: TrainSettings, model: str | None = None, arch: str | None = None,
-                             **plan_options) -> dict:
-    """`hollow-export personalize`: load the model, plan it from the options, train; returns the record."""
+                             overwrite: bool = False, **plan_options) -> dict:
+    """`hollow-export personalize`: load the model, plan it from the options, train; returns the record.
+
+    `out` is written whole or not at all, over an earlier personalize output only with `overwrite`."""
     from ..hollow.plan import plan_from_options
     from ..models.load import load_pipeline
 
+    store.check_output_dir(Path(out), "personalize", overwrite)  # before any work
+    store.check_apart(Path(out), {"--images": images, "--model": model})
     pipe = load_pipeline(model, arch)
     plan = plan_from_options(pipe.unet, **plan_options)
-    return personalize(pipe, plan, Path(images), instance_prompt, class_prompt, Path(out), settings)
+    with store.atomic_dir(Path(out), "personalize", overwrite) as tmp:
+        return personalize(pipe, plan, Path(images), instance_prompt, class_prompt, tmp, settings)
