@@ -2,7 +2,7 @@
 parse time, one line (no traceback) for a read-only folder, help on every option, a clean `build`.
 
 References are independent of the code: the file system itself (what is left on disk, what another
-process can lock), the operating system's own refusal of a write by an unprivileged user, the
+process can lock), the operating system's own refusal of a write by a process that file modes bind, the
 count of U-Net calls a sampling loop really makes.
 """
 
@@ -126,6 +126,25 @@ def test_work_folder_of_a_killed_run_is_removed_and_a_live_one_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+SAVE = textwrap.dedent("""
+    import sys, torch
+    from hollow_export import store
+    store.save_tensors(sys.argv[1], {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.int64)},
+                       metadata={k: k * 3 for k in "zyxwvutsrq"})
+""")
+
+
+def test_safetensors_are_the_same_bytes_from_two_processes(tmp_path):
+    from safetensors import safe_open
+    for name in ("one", "two"):  # separate processes: the writer's hash-map order differs between them
+        subprocess.run([sys.executable, "-c", SAVE, str(tmp_path / name)], check=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (tmp_path / "one").read_bytes() == (tmp_path / "two").read_bytes()
+    with safe_open(str(tmp_path / "one"), "pt") as f:  # still a valid file, to the stock reader
+        assert f.metadata() == {k: k * 3 for k in "zyxwvutsrq"}
+        assert f.get_tensor("b").tolist() == [[0, 1, 2], [3, 4, 5]] and f.get_tensor("a").tolist() == [1] * 4
 
 
 # ---- numbers refused at parse time (exit 2), everything else exit 1 with one line -----------------
@@ -332,6 +351,14 @@ def test_store_writers_name_the_path_under_a_real_refusal(readonly, writer):
                             preexec_fn=drop, capture_output=True, text=True, cwd=readonly)
     assert result.returncode == 3, result.stderr[-2000:]
     assert str(readonly / "ro") in result.stdout and "Permission denied" in result.stdout
+
+
+def test_plan_prints_a_tiny_buffer_in_readable_units():
+    result = CliRunner().invoke(main, ["plan", "--arch", "tiny"])
+    line = next(l for l in result.output.splitlines() if l.startswith("buffer per sample"))
+    shape = [int(n) for n in line.split()[3].split("x")]  # e.g. 64x4x4
+    nbytes = 4 * shape[0] * shape[1] * shape[2]  # fp32, by hand
+    assert nbytes < 1e6 and line.endswith(f"= {nbytes / 1000:.3g} kB"), line
 
 
 # ---- honest progress, quiet libraries, a clean build ----------------------------------------------
