@@ -78,9 +78,25 @@ class Finite(click.FloatRange):
         return value
 
 
+class Share(Finite):
+    """A share of U-Net parameters: a finite number between 0 and 1."""
+
+    name = "share"
+
+    def __init__(self):
+        super().__init__(min=0, max=1)
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)  # "not a valid float" for text
+        try:
+            return super().convert(number, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value} is not between 0 and 1 (a share of U-Net parameters, e.g. 0.4)", param, ctx)
+
+
 POSITIVE = Finite(min=0, min_open=True)
 NON_NEGATIVE = Finite(min=0)
-SHARE = Finite(min=0, max=1)
+SHARE = Share()
 BETA = Finite(min=0, max=1, max_open=True)
 COUNT = click.IntRange(min=1)
 SEED = click.IntRange(min=0, max=2**63 - 1)
