@@ -171,6 +171,6 @@ def merge_bundle(bundle_dir: Path, lora_file: Path, out: Path, model: str | None
     from .models.load import pipeline_for
 
     store.check_output_dir(Path(out), "merge", overwrite)  # before any work
-    store.check_apart(Path(out), {"--bundle": bundle_dir, "--lora folder": Path(lora_file).parent, "--model": model})
+    store.check_apart(Path(out), {"--bundle": bundle_dir, "--lora": lora_file, "--model": model})
     identity = Bundle.from_pretrained(bundle_dir, verify=False).manifest["model"]
     return merge(pipeline_for(identity, model), Path(bundle_dir), Path(lora_file), Path(out), overwrite)

@@ -210,6 +210,23 @@ def test_model_options_are_refused_with_the_ort_engine():
     assert result.exit_code == 2 and "with --engine ort" in result.output
 
 
+def test_generate_refuses_to_clobber_an_image_or_write_into_its_lora_folder(tmp_path):
+    lora_dir = tmp_path / "merged"
+    lora_dir.mkdir()
+    (tmp_path / "image.png").write_bytes(b"my picture")
+    cases = [(["--out", str(tmp_path / "image.png")], "already exists; pass --overwrite"),
+             (["--out", str(lora_dir / "image.png")], "overlaps --lora"),
+             (["--out", str(tmp_path / "image.png"), "--prompt", "q"], None)]  # two prompts: _0, _1, _sheet
+    for extra, message in cases[:2]:
+        result = CliRunner().invoke(main, ["generate", "--lora", str(lora_dir), "--prompt", "p", *extra])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    (tmp_path / "image_sheet.png").mkdir()  # a folder where the contact sheet would go
+    result = CliRunner().invoke(main, ["generate", "--lora", str(lora_dir), "--prompt", "p", *cases[2][0]])
+    assert result.exit_code == 1 and "image_sheet.png is a folder" in result.output
+    assert (tmp_path / "image.png").read_bytes() == b"my picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "image_sheet.png", "merged"]
+
+
 def _commands(group, path=()):
     for name, cmd in group.commands.items():
         if isinstance(cmd, click.Group):

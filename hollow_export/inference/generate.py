@@ -179,6 +179,7 @@ def generate_files(lora_dir: Path, prompts: list[str], out: Path, engine: str = 
         raise GenerateError(f"--steps must be at least 1 (got {steps})")
     targets, sheet = image_paths(out, len(prompts))
     check_targets(targets + ([sheet] if sheet else []), overwrite)
+    store.check_apart(out, {"--lora": lora_dir, "--model": model})
     if engine == "torch":
         from ..models.load import load_pipeline
         pipe = load_pipeline(model, arch)
