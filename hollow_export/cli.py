@@ -181,7 +181,8 @@ def personalize(model, arch, fraction, depth, rank, alpha, targets, blocks, reso
     settings = TrainSettings(method=method, steps=steps, samples=samples, lr=lr, batch_size=batch_size,
                              seed=seed, device=device)
     record = personalize_from_options(Path(images), instance_prompt, class_prompt, Path(out), settings, model, arch,
-                                      overwrite, **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
+                                      overwrite,
+                                      **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
     click.echo(f"{method}: fixed-batch loss {record['fixed_batch_loss_before']:.5f} -> "
                f"{record['fixed_batch_loss_after']:.5f}; peak memory {record['peak_memory_bytes'] / 2**20:.0f} MiB "
                f"({record['peak_memory_kind']}); LoRA written to {Path(out) / record['lora_file']}")
@@ -259,7 +260,8 @@ def evaluate(generated, reference, prompts, clip_path, dino_path, out):
 @click.option("--beta1", type=BETA, default=0.9, show_default=True, help="AdamW beta1.")
 @click.option("--beta2", type=BETA, default=0.999, show_default=True, help="AdamW beta2.")
 @click.option("--eps", type=POSITIVE, default=1e-8, show_default=True, help="AdamW epsilon.")
-@click.option("--weight-decay", type=NON_NEGATIVE, default=1e-2, show_default=True, help="AdamW decoupled weight decay.")
+@click.option("--weight-decay", type=NON_NEGATIVE, default=1e-2, show_default=True,
+              help="AdamW decoupled weight decay.")
 @click.option("--steps", type=COUNT, default=1000, show_default=True, help="Default training steps for the phone.")
 @click.option("--samples", type=COUNT, default=200, show_default=True, help="Default buffered samples.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the LoRA initialisation.")
@@ -407,7 +409,8 @@ def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, 
 @click.option("--rank", type=COUNT, default=128, show_default=True, help="LoRA rank.")
 @click.option("--fraction", type=SHARE, default=0.4, show_default=True, help="Target hollowed parameter share.")
 @click.option("--depth", type=DEPTH, default=None, help="Hollow depth k (overrides --fraction).")
-@click.option("--steps", type=TIMED_STEPS, default=5, show_default=True, help="ORT steps per engine (first is warm-up).")
+@click.option("--steps", type=TIMED_STEPS, default=5, show_default=True,
+              help="ORT steps per engine (first is warm-up).")
 @click.option("--engines", default="hollowed,lora,inference", show_default=True,
               help="Comma-separated engines to measure.")
 @click.option("--threads", type=COUNT, default=None, help="ORT threads per process (default: ORT's).")

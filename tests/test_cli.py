@@ -6,17 +6,14 @@ process can lock), the operating system's own refusal of a write by a process th
 count of U-Net calls a sampling loop really makes.
 """
 
-import json
 import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import click
