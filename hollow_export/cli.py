@@ -8,6 +8,8 @@ file names) live in the library, not here.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 
@@ -19,13 +21,93 @@ from .models.registry import ARCHS, BENCH_ARCHS, VARIANTS
 
 
 class Group(click.Group):
-    """Turns the tool's own errors into a one-line message and exit code 1 (no traceback)."""
+    """Turns the tool's own errors into a one-line message and exit code 1 (no traceback).
+
+    Exit codes: 0 done; 1 an error found while running (HollowError, or an operating-system error
+    such as a read-only folder, as a last resort); 2 a command line click rejects while parsing
+    (unknown option, a value outside its range), click's convention, so scripts can tell a wrong
+    command line from a failed run.
+    """
 
     def invoke(self, ctx):
+        quiet_known_noise()
         try:
             return super().invoke(ctx)
         except HollowError as err:
             raise click.ClickException(str(err)) from err
+        except OSError as err:  # last resort: a library call the tool did not wrap
+            where = f"{err.filename}: " if err.filename else ""
+            raise click.ClickException(f"{where}{err.strerror or err}; check that the path exists and that you "
+                                       "can read or write it, then run again") from err
+
+
+NOISE = {  # logger -> start of one message that is noise for this tool's users
+    # optimum and optimum-onnx both install the `optimum` package; diffusers says so at import
+    "diffusers.utils.import_utils": "Multiple distributions found for package optimum.",
+    # load_lora_weights on the pipeline looks for text-encoder keys; our LoRA is the U-Net's only
+    "diffusers.loaders.lora_base": "No LoRA keys associated to CLIPTextModel",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_known_noise() -> None:
+    """Drop exactly the library messages in NOISE (other messages of those loggers still pass)."""
+    for name, prefix in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
+
+
+class Finite(click.FloatRange):
+    """A float range that also refuses nan and inf (click's FloatRange lets nan through)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+class Share(Finite):
+    """A share of U-Net parameters: a finite number between 0 and 1."""
+
+    name = "share"
+
+    def __init__(self):
+        super().__init__(min=0, max=1)
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)  # "not a valid float" for text
+        try:
+            return super().convert(number, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value} is not between 0 and 1 (a share of U-Net parameters, e.g. 0.4)", param, ctx)
+
+
+POSITIVE = Finite(min=0, min_open=True)
+NON_NEGATIVE = Finite(min=0)
+SHARE = Share()
+BETA = Finite(min=0, max=1, max_open=True)
+COUNT = click.IntRange(min=1)
+SEED = click.IntRange(min=0, max=2**63 - 1)
+SIDE = click.IntRange(min=8)
+DEPTH = click.IntRange(min=0)
+TIMED_STEPS = click.IntRange(min=2)  # the first step of a measurement is warm-up
+
+
+def overwrite_option(what: str):
+    return click.option("--overwrite", is_flag=True,
+                        help=f"Replace an earlier {what} at --out (only if it holds nothing else).")
 
 
 def variant_option(default_text="the plain weight files"):
@@ -46,16 +128,16 @@ def model_options(f):
 
 def plan_options(f):
     for opt in reversed([
-        click.option("--fraction", type=float, default=None,
+        click.option("--fraction", type=SHARE, default=None,
                      help="Target hollowed share of U-Net parameters (default 0.4, the paper's)."),
-        click.option("--depth", type=int, default=None, help="Hollow depth k (innermost skip pairs removed)."),
-        click.option("--rank", type=int, default=128, show_default=True, help="LoRA rank."),
-        click.option("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)."),
+        click.option("--depth", type=DEPTH, default=None, help="Hollow depth k (innermost skip pairs removed)."),
+        click.option("--rank", type=COUNT, default=128, show_default=True, help="LoRA rank."),
+        click.option("--alpha", type=POSITIVE, default=None, help="LoRA alpha (default: equal to the rank)."),
         click.option("--targets", type=click.Choice(sorted(TARGET_PRESETS)), default="attn", show_default=True,
                      help="LoRA targets: attn = to_q/to_k/to_v/to_out.0 (the paper's); attn+conv adds resnet convs."),
         click.option("--blocks", default="", help="Block-wise LoRA: comma-separated blocks to adapt, "
                      "e.g. up_blocks.1,up_blocks.2 (default: every kept block)."),
-        click.option("--resolution", type=int, default=None, help="Image side in pixels (default: the model's)."),
+        click.option("--resolution", type=SIDE, default=None, help="Image side in pixels (default: the model's)."),
     ]):
         f = opt(f)
     return f
@@ -91,21 +173,24 @@ def plan(model, arch, variant, fraction, depth, rank, alpha, targets, blocks, re
 @click.option("--class-prompt", required=True, help='Prompt naming its class, e.g. "a dog".')
 @click.option("--method", type=click.Choice(["hollowed", "lora"]), default="hollowed", show_default=True,
               help="hollowed: the paper's method; lora: plain LoRA on the full U-Net (for comparison).")
-@click.option("--steps", type=int, default=1000, show_default=True)
-@click.option("--samples", type=int, default=200, show_default=True, help="Buffered samples (timesteps x photos).")
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=COUNT, default=1000, show_default=True, help="Training steps.")
+@click.option("--samples", type=COUNT, default=200, show_default=True, help="Buffered samples (timesteps x photos).")
+@click.option("--lr", type=POSITIVE, default=1e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--batch-size", type=COUNT, default=1, show_default=True, help="Samples per training step.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of every random draw.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--out", type=click.Path(), default="runs/personalized", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/personalized", show_default=True,
+              help="Folder for the LoRA file, buffer and record.json (new or empty).")
+@overwrite_option("personalize output")
 def personalize(model, arch, variant, fraction, depth, rank, alpha, targets, blocks, resolution, images,
-                instance_prompt, class_prompt, method, steps, samples, lr, batch_size, seed, device, out):
+                instance_prompt, class_prompt, method, steps, samples, lr, batch_size, seed, device, out, overwrite):
     """Host reference trainer: collection (precompute buffer) then LoRA fine-tuning."""
     from .train.trainer import TrainSettings, personalize_from_options
     settings = TrainSettings(method=method, steps=steps, samples=samples, lr=lr, batch_size=batch_size,
                              seed=seed, device=device)
     record = personalize_from_options(Path(images), instance_prompt, class_prompt, Path(out), settings, model, arch,
-                                      variant, **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
+                                      variant, overwrite,
+                                      **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
     click.echo(f"{method}: fixed-batch loss {record['fixed_batch_loss_before']:.5f} -> "
                f"{record['fixed_batch_loss_after']:.5f}; peak memory {record['peak_memory_bytes'] / 2**20:.0f} MiB "
                f"({record['peak_memory_kind']}); LoRA written to {Path(out) / record['lora_file']}")
@@ -118,31 +203,44 @@ def personalize(model, arch, variant, fraction, depth, rank, alpha, targets, blo
 @click.option("--prompt", required=True, multiple=True, help="Prompt (repeat for several: a contact sheet too).")
 @click.option("--engine", type=click.Choice(["torch", "ort"]), default="torch", show_default=True,
               help="torch: diffusers + PyTorch; ort: the merged ONNX graphs with ONNX Runtime alone.")
-@click.option("--inference", type=click.Choice(["dual", "single"]), default="dual", show_default=True)
+@click.option("--inference", type=click.Choice(["dual", "single"]), default="dual", show_default=True,
+              help="dual: precompute (class prompt) + kept layers with LoRA, the paper's; single: one U-Net pass.")
 @click.option("--class-prompt", default=None, help="Override the class prompt recorded with the LoRA (torch).")
-@click.option("--steps", type=int, default=25, show_default=True)
-@click.option("--guidance", type=float, default=7.5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(), default="runs/image.png", show_default=True,
+@click.option("--steps", type=COUNT, default=25, show_default=True,
+              help="Denoising steps (PNDM evaluates the U-Net once more: its first step twice).")
+@click.option("--guidance", type=NON_NEGATIVE, default=7.5, show_default=True,
+              help="Classifier-free guidance scale (1: no guidance).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--out", type=click.Path(dir_okay=False), default="runs/image.png", show_default=True,
               help="PNG path; with several prompts, _N is added per prompt and _sheet for the contact sheet.")
-def generate(model, arch, variant, lora_dir, prompt, engine, inference, class_prompt, steps, guidance, seed, out):
-    """Generate images with the personalized model, dual or single path."""
+@click.option("--overwrite", is_flag=True, help="Replace existing images at those paths.")
+def generate(model, arch, variant, lora_dir, prompt, engine, inference, class_prompt, steps, guidance, seed, out,
+             overwrite):
+    """Generate images with the personalized model, dual or single path.
+
+    With --engine ort the model comes from the merged folder: --model, --arch and --variant are refused there."""
     from .inference.generate import generate_files
+    if engine == "ort" and (model or arch or variant):
+        raise click.UsageError("--model/--arch/--variant choose the torch engine's base model; with --engine ort "
+                               "the merged folder holds the model: drop them")
     generate_files(Path(lora_dir), list(prompt), Path(out), engine, inference, steps, guidance, seed, class_prompt,
-                   model, arch, log=click.echo, variant=variant)
+                   model, arch, log=click.echo, variant=variant, overwrite=overwrite)
 
 
 @main.command()
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="The bundle the phone trained.")
-@click.option("--lora", "lora_file", required=True, type=click.Path(), help="lora.safetensors from the phone.")
+@click.option("--lora", "lora_file", required=True, type=click.Path(dir_okay=False),
+              help="lora.safetensors from the phone (with its lora.json beside it).")
 @click.option("--model", type=click.Path(), default=None,
               help="Base model folder (default: the one the bundle was built from).")
-@click.option("--out", type=click.Path(), default="runs/merged", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/merged", show_default=True,
+              help="Folder for the merged models (new or empty; never inside an input).")
+@overwrite_option("merge output")
 @variant_option("the one the bundle was built with")
-def merge(bundle_dir, lora_file, model, out, variant):
+def merge(bundle_dir, lora_file, model, out, overwrite, variant):
     """Merge the returned LoRA: diffusers LoRA file, single-path (optimum layout) and dual-path ONNX."""
     from .merge import merge_bundle
-    record = merge_bundle(Path(bundle_dir), Path(lora_file), Path(out), model, variant)
+    record = merge_bundle(Path(bundle_dir), Path(lora_file), Path(out), model, variant, overwrite)
     click.echo(f"merged into {out}: {record['lora_file']}, single/ (optimum ONNX layout), dual/")
 
 
@@ -153,7 +251,8 @@ def merge(bundle_dir, lora_file, model, out, variant):
               help="JSON {image file: prompt}, or text with one prompt per line (natural file-name order).")
 @click.option("--clip", "clip_path", required=True, type=click.Path(), help="Local CLIP model folder.")
 @click.option("--dino", "dino_path", required=True, type=click.Path(), help="Local DINO ViT-S/16 (or DINOv2) folder.")
-@click.option("--out", type=click.Path(), default="runs/metrics.json", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="runs/metrics.json", show_default=True,
+              help="JSON file for the metrics.")
 def evaluate(generated, reference, prompts, clip_path, dino_path, out):
     """DINO, CLIP-I and CLIP-T as in the DreamBooth protocol."""
     from .evaluate import evaluate as run, metrics_table, write_result
@@ -167,22 +266,25 @@ def evaluate(generated, reference, prompts, clip_path, dino_path, out):
 @plan_options
 @click.option("--instance-prompt", default="a sks dog", show_default=True, help="Prompt naming the subject.")
 @click.option("--class-prompt", default="a dog", show_default=True, help="Prompt naming its class.")
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--beta1", type=float, default=0.9, show_default=True)
-@click.option("--beta2", type=float, default=0.999, show_default=True)
-@click.option("--eps", type=float, default=1e-8, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-2, show_default=True)
-@click.option("--steps", type=int, default=1000, show_default=True, help="Default training steps for the phone.")
-@click.option("--samples", type=int, default=200, show_default=True, help="Default buffered samples.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(), default="runs/bundle", show_default=True)
-def build(model, arch, variant, fraction, depth, rank, alpha, targets, blocks, resolution, instance_prompt, class_prompt,
-          lr, beta1, beta2, eps, weight_decay, steps, samples, seed, out):
+@click.option("--lr", type=POSITIVE, default=1e-4, show_default=True, help="AdamW learning rate on the phone.")
+@click.option("--beta1", type=BETA, default=0.9, show_default=True, help="AdamW beta1.")
+@click.option("--beta2", type=BETA, default=0.999, show_default=True, help="AdamW beta2.")
+@click.option("--eps", type=POSITIVE, default=1e-8, show_default=True, help="AdamW epsilon.")
+@click.option("--weight-decay", type=NON_NEGATIVE, default=1e-2, show_default=True,
+              help="AdamW decoupled weight decay.")
+@click.option("--steps", type=COUNT, default=1000, show_default=True, help="Default training steps for the phone.")
+@click.option("--samples", type=COUNT, default=200, show_default=True, help="Default buffered samples.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the LoRA initialisation.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/bundle", show_default=True,
+              help="Bundle folder (new or empty).")
+@overwrite_option("bundle")
+def build(model, arch, variant, fraction, depth, rank, alpha, targets, blocks, resolution, instance_prompt,
+          class_prompt, lr, beta1, beta2, eps, weight_decay, steps, samples, seed, out, overwrite):
     """Write the on-device bundle: precompute graph, ORT training artifacts, manifest."""
     from .export.build import BuildSettings, build_bundle
     settings = BuildSettings(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, steps=steps,
                              samples=samples, seed=seed)
-    manifest, p = build_bundle(Path(out), instance_prompt, class_prompt, settings, model, arch, variant,
+    manifest, p = build_bundle(Path(out), instance_prompt, class_prompt, settings, model, arch, variant, overwrite,
                                **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
     size = sum(f["bytes"] for f in manifest["files"].values())
     click.echo(f"bundle {out}: depth {p.depth} ({p.hollowed_fraction:.1%} hollowed), LoRA rank {p.lora.rank} "
@@ -198,9 +300,10 @@ def device():
 @device.command("collect")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder from `build`.")
 @click.option("--images", required=True, type=click.Path(), help="Folder with 3-10 photos of the subject.")
-@click.option("--buffer", "buffer_path", default="runs/buffer.bin", show_default=True, type=click.Path())
-@click.option("--samples", type=int, default=None, help="Samples to buffer (default: the bundle's, 200).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--buffer", "buffer_path", default="runs/buffer.bin", show_default=True, type=click.Path(dir_okay=False),
+              help="Buffer file to write (a partly written one is resumed).")
+@click.option("--samples", type=COUNT, default=None, help="Samples to buffer (default: the bundle's, 200).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the noise, timesteps and latents.")
 @click.option("--fp16", is_flag=True, help="Store noise and hidden states in float16 (half the buffer).")
 def device_collect(bundle_dir, images, buffer_path, samples, seed, fp16):
     """Encode the photos, draw noise and timesteps, buffer the precompute graph's hidden states."""
@@ -211,14 +314,17 @@ def device_collect(bundle_dir, images, buffer_path, samples, seed, fp16):
 
 
 @device.command("train")
-@click.option("--bundle", "bundle_dir", required=True, type=click.Path())
-@click.option("--buffer", "buffer_path", default="runs/buffer.bin", show_default=True, type=click.Path())
-@click.option("--run", "run_dir", default="runs/train", show_default=True, type=click.Path(),
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
+              help="Bundle folder from `build`.")
+@click.option("--buffer", "buffer_path", default="runs/buffer.bin", show_default=True, type=click.Path(dir_okay=False),
+              help="Buffer file from `device collect`.")
+@click.option("--run", "run_dir", default="runs/train", show_default=True, type=click.Path(file_okay=False),
               help="Folder for checkpoints and progress.json; run again to resume.")
-@click.option("--steps", type=int, default=None, help="Total steps (default: the bundle's, 1000).")
-@click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this long.")
-@click.option("--checkpoint-every", type=int, default=50, show_default=True)
-@click.option("--lr", type=float, default=None, help="Override the bundle's learning rate.")
+@click.option("--steps", type=COUNT, default=None, help="Total steps (default: the bundle's, 1000).")
+@click.option("--max-minutes", type=POSITIVE, default=None, help="Stop (with a checkpoint) after this long.")
+@click.option("--checkpoint-every", type=COUNT, default=50, show_default=True,
+              help="Save a checkpoint every N steps (and at the end or on --max-minutes).")
+@click.option("--lr", type=POSITIVE, default=None, help="Override the bundle's learning rate.")
 def device_train(bundle_dir, buffer_path, run_dir, steps, max_minutes, checkpoint_every, lr):
     """Train LoRA over the buffer with ORT's training API; resumable after any interruption."""
     from .device.train import TrainConfig, train
@@ -233,9 +339,11 @@ def device_train(bundle_dir, buffer_path, run_dir, steps, max_minutes, checkpoin
 
 
 @device.command("export")
-@click.option("--bundle", "bundle_dir", required=True, type=click.Path())
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
+              help="The bundle the run trained.")
 @click.option("--checkpoint", required=True, type=click.Path(), help="A checkpoint file, or the --run folder.")
-@click.option("--out", default="runs/lora", show_default=True, type=click.Path())
+@click.option("--out", default="runs/lora", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for lora.safetensors and lora.json.")
 def device_export(bundle_dir, checkpoint, out):
     """Write the trained LoRA (tensors only, full-U-Net names, with its hash): what the phone sends back."""
     from .device.export import export_lora
@@ -261,17 +369,18 @@ def _names(csv):
 @click.option("--arch", type=click.Choice(BENCH_ARCHS), default="tiny", show_default=True,
               help="mid: SD1.5's layout with block_out_channels 128/256/512/512 (bench only).")
 @click.option("--device", default="cpu", show_default=True, help="cpu (peak RSS per fresh process) or cuda.")
-@click.option("--resolution", type=int, default=None, help="Image side in px (default: the arch's).")
-@click.option("--rank", type=int, default=128, show_default=True)
-@click.option("--fraction", type=float, default=0.4, show_default=True, help="Target hollowed parameter share.")
-@click.option("--depth", type=int, default=None, help="Hollow depth k (overrides --fraction).")
-@click.option("--steps", type=int, default=3, show_default=True, help="Steps per case: 1 warm, then measured.")
+@click.option("--resolution", type=SIDE, default=None, help="Image side in px (default: the arch's).")
+@click.option("--rank", type=COUNT, default=128, show_default=True, help="LoRA rank.")
+@click.option("--fraction", type=SHARE, default=0.4, show_default=True, help="Target hollowed parameter share.")
+@click.option("--depth", type=DEPTH, default=None, help="Hollow depth k (overrides --fraction).")
+@click.option("--steps", type=TIMED_STEPS, default=3, show_default=True, help="Steps per case: 1 warm, then measured.")
 @click.option("--cases", default="", help="Comma-separated case names (default: all, paper and beyond-paper).")
 @click.option("--no-measure", is_flag=True, help="FLOPs and parameter counts only (no processes).")
 @click.option("--merge", is_flag=True, help="Add these cases to the result already in --out (same settings).")
-@click.option("--threads", type=int, default=None)
-@click.option("--timeout", type=float, default=None, help="Seconds per case process.")
-@click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
+@click.option("--threads", type=COUNT, default=None, help="Torch threads per case process (default: torch's).")
+@click.option("--timeout", type=POSITIVE, default=None, help="Seconds per case process.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
+              help="Folder for the result JSON and PNG.")
 def bench_memory(arch, device, resolution, rank, fraction, depth, steps, cases, no_measure, merge, threads,
                  timeout, out):
     """The paper's Table 1: params, peak memory and FLOPs per step, each case in a fresh process."""
@@ -283,16 +392,18 @@ def bench_memory(arch, device, resolution, rank, fraction, depth, steps, cases, 
 
 
 @bench.command("sweep")
-@click.option("--arch", type=click.Choice(BENCH_ARCHS), default="tiny", show_default=True)
-@click.option("--steps", type=int, default=200, show_default=True, help="Training steps per depth (loss, tiny only).")
-@click.option("--rank", type=int, default=None, help="LoRA rank (default: 4 on tiny, 128 otherwise).")
-@click.option("--resolution", type=int, default=None)
-@click.option("--samples", type=int, default=200, show_default=True, help="Buffered samples for the loss runs.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--arch", type=click.Choice(BENCH_ARCHS), default="tiny", show_default=True,
+              help="Architecture (random weights).")
+@click.option("--steps", type=COUNT, default=200, show_default=True, help="Training steps per depth (loss, tiny only).")
+@click.option("--rank", type=COUNT, default=None, help="LoRA rank (default: 4 on tiny, 128 otherwise).")
+@click.option("--resolution", type=SIDE, default=None, help="Image side in px (default: the arch's).")
+@click.option("--samples", type=COUNT, default=200, show_default=True, help="Buffered samples for the loss runs.")
+@click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="AdamW learning rate of the loss runs.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--no-measure", is_flag=True, help="Analytic memory only (no processes).")
-@click.option("--threads", type=int, default=None)
-@click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
+@click.option("--threads", type=COUNT, default=None, help="Torch threads per process (default: torch's).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
+              help="Folder for the result JSON and PNG.")
 def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, threads, out):
     """Every hollow depth: hollowed share, training peak, FLOPs and (tiny) the loss (the paper's Figure 5)."""
     from .bench.sweep import sweep, sweep_text
@@ -302,17 +413,21 @@ def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, 
 
 
 @bench.command("ort")
-@click.option("--arch", type=click.Choice(BENCH_ARCHS), default="tiny", show_default=True)
-@click.option("--resolution", type=int, default=None)
-@click.option("--rank", type=int, default=128, show_default=True)
-@click.option("--fraction", type=float, default=0.4, show_default=True)
-@click.option("--depth", type=int, default=None)
-@click.option("--steps", type=int, default=5, show_default=True, help="ORT steps per engine (first is warm-up).")
-@click.option("--engines", default="hollowed,lora,inference", show_default=True)
-@click.option("--threads", type=int, default=None)
-@click.option("--timeout", type=float, default=None, help="Seconds per build/measure process.")
-@click.option("--workdir", type=click.Path(), default=None, help="Where the temporary bundles go.")
-@click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
+@click.option("--arch", type=click.Choice(BENCH_ARCHS), default="tiny", show_default=True,
+              help="Architecture (random weights).")
+@click.option("--resolution", type=SIDE, default=None, help="Image side in px (default: the arch's).")
+@click.option("--rank", type=COUNT, default=128, show_default=True, help="LoRA rank.")
+@click.option("--fraction", type=SHARE, default=0.4, show_default=True, help="Target hollowed parameter share.")
+@click.option("--depth", type=DEPTH, default=None, help="Hollow depth k (overrides --fraction).")
+@click.option("--steps", type=TIMED_STEPS, default=5, show_default=True,
+              help="ORT steps per engine (first is warm-up).")
+@click.option("--engines", default="hollowed,lora,inference", show_default=True,
+              help="Comma-separated engines to measure.")
+@click.option("--threads", type=COUNT, default=None, help="ORT threads per process (default: ORT's).")
+@click.option("--timeout", type=POSITIVE, default=None, help="Seconds per build/measure process.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the temporary bundles go.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
+              help="Folder for the result JSON and PNG.")
 def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, timeout, workdir, out):
     """ORT training of the Hollowed Net bundle vs a plain-LoRA bundle vs ORT inference, side by side."""
     from .bench.ort import ort_bench, ort_text
@@ -327,11 +442,12 @@ def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, 
 @click.option("--device", "device_name", default="Samsung Galaxy S24 (Family)", show_default=True,
               help="AI Hub device name (`qai-hub list-devices`).")
 @click.option("--target-runtime", type=click.Choice(["qnn_context_binary", "onnx", "tflite"]),
-              default="qnn_context_binary", show_default=True)
+              default="qnn_context_binary", show_default=True, help="AI Hub target runtime to compile for.")
 @click.option("--merged-unet", type=click.Path(), default=None,
               help="Also profile the merged U-Net: `merge`'s output folder or a U-Net .onnx.")
-@click.option("--timeout", type=float, default=None, help="Seconds to wait for each AI Hub job.")
-@click.option("--out", type=click.Path(), default="runs/aihub", show_default=True)
+@click.option("--timeout", type=POSITIVE, default=None, help="Seconds to wait for each AI Hub job.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/aihub", show_default=True,
+              help="Folder for aihub_profile.json.")
 def profile_cmd(bundle_dir, device_name, target_runtime, merged_unet, timeout, out):
     """Qualcomm AI Hub compile + profile jobs for the bundle's inference graphs and the merged U-Net."""
     from .aihub import profile_bundle, profile_text
@@ -343,12 +459,14 @@ def profile_cmd(bundle_dir, device_name, target_runtime, merged_unet, timeout, o
 
 
 @main.command("demo-photos")
-@click.option("--out", type=click.Path(), default="runs/photos", show_default=True)
-@click.option("--count", type=int, default=5, show_default=True)
-def demo_photos(out, count):
+@click.option("--out", type=click.Path(file_okay=False), default="runs/photos", show_default=True,
+              help="Folder for the photos (new or empty).")
+@click.option("--count", type=click.IntRange(1, 1000), default=5, show_default=True, help="How many photos.")
+@overwrite_option("demo-photos folder")
+def demo_photos(out, count, overwrite):
     """Write synthetic subject photos for a smoke run (no real data can be downloaded here)."""
-    from .demo import subject_photos
-    paths = subject_photos(Path(out), count)
+    from .demo import write_subject_photos
+    paths = write_subject_photos(Path(out), count, overwrite)
     click.echo(f"wrote {len(paths)} photos to {out}")
 
 

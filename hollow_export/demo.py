@@ -1,6 +1,6 @@
 """Synthetic subject photos for smoke runs on the embedded default (no data can be downloaded here).
 
-In:  a folder and a count.
+In:  a folder and a count (`write_subject_photos` writes the folder atomically).
 Out: PNG photos of one made-up subject (a striped ball on a textured floor)
      from different viewpoints, sizes and lighting: enough for the pipeline
      to have a consistent "instance" to learn, never a stand-in for real data.
@@ -11,6 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+from . import store
+
+
+def write_subject_photos(out: Path, count: int = 5, overwrite: bool = False) -> list[Path]:
+    """`hollow-export demo-photos`: the photos written as one folder (whole or not at all; an earlier
+    demo-photos folder is replaced only with `overwrite`); returns their final paths."""
+    with store.atomic_dir(Path(out), "demo-photos", overwrite) as tmp:
+        names = [path.name for path in subject_photos(tmp, count)]
+    return [Path(out) / name for name in names]
 
 
 def subject_photos(out: Path, count: int = 5, size: int = 256, seed: int = 0) -> list[Path]:

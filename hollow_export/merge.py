@@ -3,7 +3,8 @@
 In:  a bundle (its manifest names the plan, the prompts and every LoRA tensor), the returned
      `lora.safetensors` (device export) and the base model the bundle was built from
      (`merge_bundle` finds it from the manifest's model identity, bench bundles included).
-Out: a folder (written whole or not at all) holding
+Out: a folder (written whole or not at all; never over anything but an earlier merge, and that only
+     with `overwrite`; never inside or around an input) holding
        pytorch_lora_weights.safetensors  diffusers format, alpha in the adapter metadata
        record.json                       class prompt and plan (so `generate --lora` reads it)
        single/                           optimum's ONNX Stable Diffusion layout: text encoder, U-Net
@@ -55,9 +56,7 @@ def read_returned_lora(bundle: Bundle, lora_file: Path) -> dict[str, torch.Tenso
     lora_file = Path(lora_file)
     if not lora_file.exists():
         raise MergeError(f"--lora {lora_file} does not exist; pass the lora.safetensors the phone exported")
-    record_path = lora_file.with_name(LORA_RECORD)
-    expected = json.loads(record_path.read_text())["sha256"] if record_path.exists() else None
-    state = store.load_tensors(lora_file, expected)
+    state = store.load_tensors(lora_file, returned_hash(lora_file))
     with safe_open(str(lora_file), "pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != LORA_FORMAT:
@@ -75,7 +74,27 @@ def read_returned_lora(bundle: Bundle, lora_file: Path) -> dict[str, torch.Tenso
         raise MergeError(f"{lora_file} does not match the bundle's LoRA: {len(missing)} missing (e.g. "
                          f"{missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]}), {len(wrong)} of another "
                          f"shape (e.g. {wrong[:2]})")
+    bad = sorted(k for k, v in state.items() if not torch.isfinite(v).all())
+    if bad:
+        raise MergeError(f"{lora_file} holds non-finite values (NaN or inf) in {len(bad)} tensors (e.g. {bad[0]}): "
+                         "training diverged; train again (lower --lr) and export a finite checkpoint")
     return state
+
+
+def returned_hash(lora_file: Path) -> str:
+    """The sha256 that `device export` recorded in lora.json beside the LoRA file."""
+    record_path = Path(lora_file).with_name(LORA_RECORD)
+    fix = f"copy the {LORA_RECORD} that `device export` wrote beside {Path(lora_file).name}"
+    if not record_path.is_file():
+        raise MergeError(f"{record_path} is missing (it holds the LoRA file's hash); {fix}")
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise MergeError(f"{record_path} is not readable JSON ({err}); {fix}") from err
+    digest = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise MergeError(f"{record_path} records no sha256 of the LoRA file; {fix}")
+    return digest
 
 
 class SinglePathUNet(nn.Module):
@@ -93,14 +112,15 @@ class SinglePathUNet(nn.Module):
 
 def fuse(pipe, state: dict[str, torch.Tensor], plan: HollowPlan, lora_dir: Path) -> None:
     """Write the diffusers LoRA file, load it with diffusers' own loader and fuse it into the U-Net."""
-    lora_mod.save_diffusers(lora_dir, state, plan.lora)
+    store.canonical_safetensors(lora_mod.save_diffusers(lora_dir, state, plan.lora))
     pipe.load_lora_weights(str(lora_dir), weight_name=lora_mod.LORA_FILE, adapter_name="personal")
     pipe.fuse_lora(adapter_names=["personal"])
     pipe.unload_lora_weights()
 
 
-def merge(pipe, bundle_dir: Path, lora_file: Path, out: Path) -> dict:
-    """Everything in the module docstring, into `out`; returns the record."""
+def merge(pipe, bundle_dir: Path, lora_file: Path, out: Path, overwrite: bool = False) -> dict:
+    """Everything in the module docstring, into `out` (an earlier merge there only with `overwrite`,
+    see `store.atomic_dir`); returns the record."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     bundle = Bundle.from_pretrained(bundle_dir)
@@ -109,7 +129,7 @@ def merge(pipe, bundle_dir: Path, lora_file: Path, out: Path) -> dict:
     state = read_returned_lora(bundle, lora_file)
     lora_mod.check_fits(pipe.unet, state)
     prompts = manifest["prompts"]
-    with store.atomic_dir(Path(out)) as tmp:
+    with store.atomic_dir(Path(out), "merge", overwrite) as tmp:
         fuse(pipe, state, plan, tmp)
         record = {"method": "hollowed", "instance_prompt": prompts["instance"], "class_prompt": prompts["class"],
                   "plan": manifest["plan"], "lora_file": lora_mod.LORA_FILE,
@@ -146,10 +166,12 @@ def merge(pipe, bundle_dir: Path, lora_file: Path, out: Path) -> dict:
 
 
 def merge_bundle(bundle_dir: Path, lora_file: Path, out: Path, model: str | None = None,
-                 variant: str | None = None) -> dict:
+                 variant: str | None = None, overwrite: bool = False) -> dict:
     """`hollow-export merge`: the base model the bundle was built from, in the weight variant it was built
     with (or `model` in `variant`), then `merge`."""
     from .models.load import pipeline_for
 
+    store.check_output_dir(Path(out), "merge", overwrite)  # before any work
+    store.check_apart(Path(out), {"--bundle": bundle_dir, "--lora": lora_file, "--model": model})
     identity = Bundle.from_pretrained(bundle_dir, verify=False).manifest["model"]
-    return merge(pipeline_for(identity, model, variant), Path(bundle_dir), Path(lora_file), Path(out))
+    return merge(pipeline_for(identity, model, variant), Path(bundle_dir), Path(lora_file), Path(out), overwrite)

@@ -156,6 +156,7 @@ def test_foreign_or_tampered_lora_is_refused_and_nothing_written(merged, tmp_pat
     bad = tmp_path / "bad" / dexport.LORA_EXPORT
     bad.parent.mkdir()
     save_file(tensors, str(bad), metadata=metadata)
+    _record_hash(bad)
     with pytest.raises(MergeError, match="of another shape"):
         merge(make(), root / "bundle", bad, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
@@ -163,3 +164,97 @@ def test_foreign_or_tampered_lora_is_refused_and_nothing_written(merged, tmp_pat
     from hollow_export.store import StoreError
     with pytest.raises(StoreError, match="fails its sha256"):
         merge(make(), root / "bundle", bad, tmp_path / "out3")
+
+
+def _record_hash(lora_file):
+    """lora.json beside `lora_file` with its sha256 computed here (hashlib), as device export records it."""
+    import hashlib
+    digest = hashlib.sha256(lora_file.read_bytes()).hexdigest()
+    lora_file.with_name("lora.json").write_text(json.dumps({"sha256": digest}))
+
+
+@pytest.mark.parametrize("merged", ["tiny"], indirect=True)
+def test_missing_garbage_or_hashless_lora_json_is_one_clear_refusal(merged, tmp_path):
+    root, make, plan, lora_file = merged
+    copy = tmp_path / "lora" / dexport.LORA_EXPORT
+    copy.parent.mkdir()
+    shutil.copy(lora_file, copy)
+    record = copy.with_name("lora.json")
+    cases = [(None, "is missing"), ("{not json", "not readable JSON"), (b"\xff\xfe", "not readable JSON"),
+             ('{"tensors": 4}', "records no sha256"), ('["a"]', "records no sha256"),
+             ('{"sha256": 12}', "records no sha256")]
+    for content, message in cases:
+        record.unlink(missing_ok=True)
+        if isinstance(content, bytes):
+            record.write_bytes(content)
+        elif content is not None:
+            record.write_text(content)
+        with pytest.raises(MergeError, match=message):
+            merge(make(), root / "bundle", copy, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("merged", ["tiny"], indirect=True)
+def test_non_finite_lora_is_refused(merged, tmp_path):
+    root, make, plan, lora_file = merged
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(lora_file), "pt") as f:
+        metadata = f.metadata()
+    for value in (float("nan"), float("inf")):
+        tensors = load_file(str(lora_file))
+        name = sorted(tensors)[1]
+        tensors[name][0, 0] = value
+        bad = tmp_path / str(value) / dexport.LORA_EXPORT
+        bad.parent.mkdir()
+        save_file(tensors, str(bad), metadata=metadata)
+        _record_hash(bad)
+        assert not torch.isfinite(load_file(str(bad))[name]).all()  # the bad value is really in the file
+        with pytest.raises(MergeError, match="non-finite"):
+            merge(make(), root / "bundle", bad, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("merged", ["tiny"], indirect=True)
+def test_merge_never_writes_over_inputs_and_replaces_its_output_only_when_asked(merged, tmp_path):
+    root, make, plan, lora_file = merged
+    from hollow_export.store import StoreError
+    before = {p.name: p.read_bytes() for p in (root / "bundle").iterdir()}
+    with pytest.raises(StoreError, match="not an earlier `merge` output"):
+        merge(make(), root / "bundle", lora_file, root / "bundle")
+    assert {p.name: p.read_bytes() for p in (root / "bundle").iterdir()} == before
+    fmt.open_bundle(root / "bundle")  # still verifies
+    with pytest.raises(StoreError, match="pass --overwrite"):
+        merge(make(), root / "bundle", lora_file, root / "merged")
+    from hollow_export.merge import merge_bundle
+    with pytest.raises(StoreError, match="overlaps --bundle"):
+        merge_bundle(root / "bundle", lora_file, root / "bundle" / "merged")
+    assert not (root / "bundle" / "merged").exists()
+
+
+@pytest.mark.parametrize("merged", ["tiny"], indirect=True)
+def test_two_merges_of_one_lora_write_identical_bytes(merged, tmp_path, capfd):
+    """Byte-for-byte, every file: the diffusers LoRA file (safetensors metadata sorted), the records,
+    the class embedding, the copied precompute graph and every exported ONNX graph."""
+    import logging
+    from hollow_export import cli
+
+    root, make, plan, lora_file = merged
+    for name in cli.NOISE:  # start without the CLI's filters, to see the message really happens
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, cli._DropMessage)]:
+            logger.removeFilter(f)
+    capfd.readouterr()
+    merge(make(), root / "bundle", lora_file, tmp_path / "a")
+    assert "No LoRA keys associated to CLIPTextModel" in capfd.readouterr().err
+    cli.quiet_known_noise()
+    merge(make(), root / "bundle", lora_file, tmp_path / "b")
+    assert "No LoRA keys associated" not in capfd.readouterr().err
+
+    def files(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    differ = [name for name in files(tmp_path / "a")
+              if (tmp_path / "a" / name).read_bytes() != (tmp_path / "b" / name).read_bytes()]
+    assert lora.LORA_FILE in files(tmp_path / "a") and "single/unet/model.onnx" in files(tmp_path / "a")
+    assert differ == []

@@ -20,7 +20,10 @@ the inference graphs from `onnx.export_inference`.
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,8 +77,9 @@ def lora_names(trainable: list[str]) -> list[dict]:
 
 
 def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt: str,
-          settings: BuildSettings, identity: dict) -> dict:
-    """Write the bundle for `plan` into `out` (atomically); return the manifest."""
+          settings: BuildSettings, identity: dict, overwrite: bool = False) -> dict:
+    """Write the bundle for `plan` into `out` (atomically; an earlier bundle there only with
+    `overwrite`, see `store.atomic_dir`); return the manifest."""
     check_prediction_type(pipe.scheduler.config)
     started = time.time()
     stages = ["prompts + schedule", "vae_encoder.onnx", "precompute.onnx", "training artifacts", "manifest"]
@@ -88,7 +92,10 @@ def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt:
     unet, vae = pipe.unet, pipe.vae
     context_dim = unet.config.cross_attention_dim
     c, h, w = plan.latent_shape
-    with store.atomic_dir(Path(out)) as tmp, torch.no_grad():
+    with store.atomic_dir(Path(out), "build", overwrite) as tmp, torch.no_grad(), warnings.catch_warnings():
+        # tracing diffusers' shape asserts and strided slices: expected, and no help to the user
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         stage(0)
         store.save_tensors(tmp / fmt.PROMPTS, {"instance": encode_prompt(pipe, instance_prompt),
                                                "class": encode_prompt(pipe, class_prompt)})
@@ -108,7 +115,8 @@ def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt:
         net = lora_mod.inject(HollowedNet(unet, plan), plan.lora, plan.lora_targets, seed=settings.seed)
         args = (torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.int64), torch.zeros(1, *plan.encoder_shape),
                 torch.zeros(1, *plan.buffer_shape), torch.zeros(1, c, h, w))
-        trainable, frozen = backend().write_artifacts(net, args, list(fmt.TRAIN_INPUTS), tmp, settings)
+        with ort_info_dropped():
+            trainable, frozen = backend().write_artifacts(net, args, list(fmt.TRAIN_INPUTS), tmp, settings)
         stage(4)
         params = dict(net.named_parameters())
         manifest = fmt.make_manifest(
@@ -140,14 +148,45 @@ def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt:
 
 def build_bundle(out: Path, instance_prompt: str, class_prompt: str, settings: BuildSettings,
                  model: str | None = None, arch: str | None = None, variant: str | None = None,
-                 **plan_options) -> tuple[dict, HollowPlan]:
-    """`hollow-export build`: check the model's prediction type (before loading it), load it, plan it from
-    the options, write the bundle; (manifest, plan)."""
+                 overwrite: bool = False, **plan_options) -> tuple[dict, HollowPlan]:
+    """`hollow-export build`: check the output folder and the model's prediction type (before loading it),
+    load it, plan it from the options, write the bundle; (manifest, plan)."""
     from ..hollow.plan import plan_from_options
     from ..models.load import load_pipeline, model_identity, scheduler_config
 
+    store.check_output_dir(Path(out), "build", overwrite)  # before any work
+    store.check_apart(Path(out), {"--model": model})
     check_prediction_type(scheduler_config(model, arch))
     pipe = load_pipeline(model, arch, variant)
     plan = plan_from_options(pipe.unet, **plan_options)
-    identity = model_identity(model, arch, variant)
-    return build(pipe, plan, Path(out), instance_prompt, class_prompt, settings, identity), plan
+    manifest = build(pipe, plan, Path(out), instance_prompt, class_prompt, settings,
+                     model_identity(model, arch, variant), overwrite)
+    return manifest, plan
+
+
+@contextmanager
+def ort_info_dropped():
+    """Drop ONNX Runtime's INFO log lines (hundreds per graph pass) from stderr; other lines pass through.
+
+    ORT's gradient builder logs at INFO to the process's stderr whatever the default logger severity
+    is set to (its session options are made inside onnxruntime.training), so the file descriptor is
+    filtered around the call.
+    """
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
+                if "[I:onnxruntime" not in line:
+                    sys.stderr.write(line)
+            sys.stderr.flush()

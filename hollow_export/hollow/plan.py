@@ -349,6 +349,14 @@ def plan_from_options(unet, fraction: float | None = None, depth: int | None = N
     return make_plan(unet, depth=depth, fraction=fraction, lora=spec, resolution=resolution)
 
 
+def decimal_bytes(n: int) -> str:
+    """1,310,720 -> '1.31 MB', 2,048 -> '2.05 kB', 512 -> '512 bytes' (three significant digits)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}" if n / size < 100 else f"{n / size:.0f} {unit}"
+    return f"{n} bytes"
+
+
 def plan_table(plan: HollowPlan) -> str:
     """The plan as a short readable table."""
     def m(n):
@@ -365,7 +373,7 @@ def plan_table(plan: HollowPlan) -> str:
         ("LoRA params", f"{plan.lora_params:,} ({m(plan.lora_params)}) in {len(plan.lora_targets)} layers"),
         ("resolution", f"{plan.resolution} px -> latent {'x'.join(map(str, plan.latent_shape))}"),
         ("buffer per sample", f"{'x'.join(map(str, plan.buffer_shape))} fp32 = "
-                              f"{plan.buffer_bytes_fp32 / 1e6:.2f} MB"),
+                              f"{decimal_bytes(plan.buffer_bytes_fp32)}"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]

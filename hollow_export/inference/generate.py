@@ -78,7 +78,10 @@ def denoise(cond_eps, uncond_eps, scheduler, latents: torch.Tensor, steps: int, 
     """The classifier-free-guided sampling loop shared by both engines; returns the final latents."""
     scheduler.set_timesteps(steps)
     latents = latents * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, desc=f"denoise ({label})", unit="step"):
+    # The bar counts U-Net evaluations: PNDM's PLMS warm-up evaluates its first timestep twice,
+    # so 25 steps take 26 evaluations (diffusers' own pipeline loops over the same list).
+    timesteps = scheduler.timesteps
+    for t in tqdm(timesteps, desc=f"denoise ({label}, {steps} steps)", unit="U-Net eval"):
         x = scheduler.scale_model_input(latents, t)
         eps_u, eps_c = uncond_eps(x, t), cond_eps(x, t)
         latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
@@ -169,12 +172,17 @@ def image_paths(out: Path, count: int) -> tuple[list[Path], Path | None]:
 def generate_files(lora_dir: Path, prompts: list[str], out: Path, engine: str = "torch", path: str = "dual",
                    steps: int = 25, guidance: float = 7.5, seed: int = 0, class_prompt: str | None = None,
                    model: str | None = None, arch: str | None = None, log=print,
-                   variant: str | None = None) -> list[Path]:
-    """`hollow-export generate`: one PNG per prompt (and a contact sheet for several), written atomically."""
+                   variant: str | None = None, overwrite: bool = False) -> list[Path]:
+    """`hollow-export generate`: one PNG per prompt (and a contact sheet for several), written atomically;
+    an existing file is replaced only with `overwrite`."""
+    if steps < 1:
+        raise GenerateError(f"--steps must be at least 1 (got {steps})")
+    targets, sheet = image_paths(out, len(prompts))
+    check_targets(targets + ([sheet] if sheet else []), overwrite)
+    store.check_apart(out, {"--lora": lora_dir, "--model": model})
     if engine == "torch":
         from ..models.load import load_pipeline
         pipe = load_pipeline(model, arch, variant)
-    targets, sheet = image_paths(out, len(prompts))
     images, written = [], []
     for text, target in zip(prompts, targets):
         if engine == "torch":
@@ -190,6 +198,18 @@ def generate_files(lora_dir: Path, prompts: list[str], out: Path, engine: str = 
         log(f"wrote {sheet}")
         written.append(sheet)
     return written
+
+
+def check_targets(paths: list[Path], overwrite: bool) -> None:
+    """Refuse image paths that are folders, or existing files without `overwrite`, before any work."""
+    for path in paths:
+        if path.is_dir():
+            raise GenerateError(f"--out {path} is a folder; pass a file path such as {path / 'image.png'}")
+        if path.exists() and not overwrite:
+            raise GenerateError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise GenerateError(f"--out {path}: {path.parent} is a file, not a folder; choose another --out")
+        store.check_writable(path.parent)
 
 
 def _save_png(image, path: Path) -> None:

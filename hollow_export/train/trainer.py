@@ -206,13 +206,18 @@ def personalize(pipe, plan: HollowPlan, images: Path, instance_prompt: str, clas
 
 def personalize_from_options(images: Path, instance_prompt: str, class_prompt: str, out: Path,
                              settings: TrainSettings, model: str | None = None, arch: str | None = None,
-                             variant: str | None = None, **plan_options) -> dict:
+                             variant: str | None = None, overwrite: bool = False, **plan_options) -> dict:
     """`hollow-export personalize`: check the model's prediction type (before loading it), load it, plan it
-    from the options, train; returns the record."""
+    from the options, train; returns the record.
+
+    `out` is written whole or not at all, over an earlier personalize output only with `overwrite`."""
     from ..hollow.plan import plan_from_options
     from ..models.load import check_prediction_type, load_pipeline, scheduler_config
 
+    store.check_output_dir(Path(out), "personalize", overwrite)  # before any work
+    store.check_apart(Path(out), {"--images": images, "--model": model})
     check_prediction_type(scheduler_config(model, arch))
     pipe = load_pipeline(model, arch, variant)
     plan = plan_from_options(pipe.unet, **plan_options)
-    return personalize(pipe, plan, Path(images), instance_prompt, class_prompt, Path(out), settings)
+    with store.atomic_dir(Path(out), "personalize", overwrite) as tmp:
+        return personalize(pipe, plan, Path(images), instance_prompt, class_prompt, tmp, settings)
