@@ -2,7 +2,7 @@
 
 import json
 import os
-import random
+import re
 import shutil
 import signal
 import subprocess
@@ -134,41 +134,77 @@ RUNNER = textwrap.dedent("""
 
 
 def _device_cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-c", RUNNER, "device", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **kw}
+    return subprocess.Popen([sys.executable, "-c", RUNNER, "device", *map(str, args)], **kw)
+
+
+def _wait_for_checkpoint(proc, run, after: int, output) -> int:
+    """Poll progress.json until it names a checkpoint past step `after`; that step."""
+    while proc.poll() is None:
+        progress = dtrain.read_progress(run)
+        if progress and progress["step"] > after:
+            return progress["step"]
+        time.sleep(0.005)
+    pytest.fail(f"training exited ({proc.returncode}) before a checkpoint past step {after}: {output.read_text()}")
+
+
+def _shown_steps(text: str) -> list[int]:
+    """The steps tqdm's frames show, first to last: where the process began and how far it got (its own
+    output, not progress.json)."""
+    return [int(n) for n in re.findall(rf"train:[^\r\n]*?(\d+)/{STEPS}", text)]
 
 
 def test_runtime_runs_without_torch_and_resumes_after_sigkill(small_bundle, collected, trained, tmp_path):
-    """Killed at random moments, every resumed run completes and ends with the uninterrupted LoRA."""
-    reference = json.loads((trained[2] / dexport.LORA_RECORD).read_text())
+    """Killed right after a checkpoint and mid-way between two, each restart resumes from the checkpoint on
+    disk at the kill, and the final LoRA equals the uninterrupted run's bit for bit."""
     from hollow_export.store import load_tensors
     expected = load_tensors(trained[2] / dexport.LORA_EXPORT)
     run = tmp_path / "run"
-    rng = random.Random(4)
     args = ["train", "--bundle", small_bundle, "--buffer", collected, "--run", run, "--steps", STEPS,
             "--checkpoint-every", 4]
-    kills = 0
-    for attempt in range(8):
-        proc = _device_cli(*args)
-        if kills < 3:
-            time.sleep(rng.uniform(3.0, 6.0))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-        output = proc.communicate(timeout=300)[0]
-        if proc.returncode == 0 and "finished at step" in output:
+    outputs, landed = [], []  # landed: the checkpoint step on disk when each kill struck
+    # three kills: mid-way after the process's 2nd checkpoint, right after its 1st, mid-way after its 2nd
+    for attempt, mid_way in enumerate((True, False, True, None)):
+        outputs.append(tmp_path / f"out{attempt}.txt")
+        with open(outputs[-1], "w") as sink:
+            proc = _device_cli(*args, stdout=sink, stderr=subprocess.STDOUT)
+        if mid_way is None:  # the last restart runs to the end
+            assert proc.wait(timeout=300) == 0, outputs[-1].read_text()
             break
-        assert proc.returncode in (0, -signal.SIGKILL), output
-    else:
-        pytest.fail("training never finished")
-    assert kills >= 1
+        seen = _wait_for_checkpoint(proc, run, landed[-1] if landed else 0, outputs[-1])
+        if mid_way:
+            t0 = time.time()
+            seen = _wait_for_checkpoint(proc, run, seen, outputs[-1])
+            time.sleep((time.time() - t0) / 2)  # half a checkpoint interval: two steps past `seen`
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        at_death = dtrain.read_progress(run)["step"]
+        assert seen <= at_death < STEPS
+        landed.append(at_death)
+    assert len(landed) == 3 and len(set(landed)) == 3
+    # the mid-way kills struck after steps past the checkpoint: work that the restart had to redo
+    assert _shown_steps(outputs[0].read_text())[-1] > landed[0] and _shown_steps(outputs[2].read_text())[-1] > landed[2]
+    # each restart began at the checkpoint on disk when the one before it was killed: its own progress bar
+    # shows it, and progress.json lists where every process that saved a checkpoint began
+    assert [_shown_steps(o.read_text())[0] for o in outputs] == [0] + landed
+    assert "finished at step 24" in outputs[-1].read_text()
+    assert dtrain.read_progress(run)["starts"] == [0] + landed
     proc = _device_cli("export", "--bundle", small_bundle, "--checkpoint", run, "--out", tmp_path / "lora")
     assert proc.wait(timeout=120) == 0, proc.stdout.read()
     got = load_tensors(tmp_path / "lora" / dexport.LORA_EXPORT)
     assert got.keys() == expected.keys()
-    worst = max((got[k] - expected[k]).abs().max().item() for k in got)
-    assert worst <= 1e-6, worst
-    assert json.loads((tmp_path / "lora" / dexport.LORA_RECORD).read_text())["tensors"] == reference["tensors"]
+    assert all(torch.equal(got[k], expected[k]) for k in got)  # bit for bit
+    for name in (dexport.LORA_EXPORT, dexport.LORA_RECORD):
+        assert (tmp_path / "lora" / name).read_bytes() == (trained[2] / name).read_bytes()
+
+
+def test_collect_runs_without_torch(small_bundle, photo_dir, collected, tmp_path):
+    """`device collect` with torch, diffusers, transformers and peft unimportable writes the same buffer."""
+    path = tmp_path / "buffer.bin"
+    proc = _device_cli("collect", "--bundle", small_bundle, "--images", photo_dir, "--buffer", path,
+                       "--samples", 12, "--seed", 3)
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    assert path.read_bytes() == collected.read_bytes()
 
 
 def test_broken_buffers_are_refused_with_the_fix(small_bundle, collected, tmp_path):
