@@ -2,7 +2,7 @@
 
 import json
 import os
-import random
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hollow_export import bundle as fmt
+from hollow_export import bundle as fmt, store
 from hollow_export.hollow import lora
 from hollow_export.device import buffer, rng, ort_session
 from hollow_export.device import collect as dcollect
@@ -134,41 +134,77 @@ RUNNER = textwrap.dedent("""
 
 
 def _device_cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-c", RUNNER, "device", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **kw}
+    return subprocess.Popen([sys.executable, "-c", RUNNER, "device", *map(str, args)], **kw)
+
+
+def _wait_for_checkpoint(proc, run, after: int, output) -> int:
+    """Poll progress.json until it names a checkpoint past step `after`; that step."""
+    while proc.poll() is None:
+        progress = dtrain.read_progress(run)
+        if progress and progress["step"] > after:
+            return progress["step"]
+        time.sleep(0.005)
+    pytest.fail(f"training exited ({proc.returncode}) before a checkpoint past step {after}: {output.read_text()}")
+
+
+def _shown_steps(text: str) -> list[int]:
+    """The steps tqdm's frames show, first to last: where the process began and how far it got (its own
+    output, not progress.json)."""
+    return [int(n) for n in re.findall(rf"train:[^\r\n]*?(\d+)/{STEPS}", text)]
 
 
 def test_runtime_runs_without_torch_and_resumes_after_sigkill(small_bundle, collected, trained, tmp_path):
-    """Killed at random moments, every resumed run completes and ends with the uninterrupted LoRA."""
-    reference = json.loads((trained[2] / dexport.LORA_RECORD).read_text())
+    """Killed right after a checkpoint and mid-way between two, each restart resumes from the checkpoint on
+    disk at the kill, and the final LoRA equals the uninterrupted run's bit for bit."""
     from hollow_export.store import load_tensors
     expected = load_tensors(trained[2] / dexport.LORA_EXPORT)
     run = tmp_path / "run"
-    rng = random.Random(4)
     args = ["train", "--bundle", small_bundle, "--buffer", collected, "--run", run, "--steps", STEPS,
             "--checkpoint-every", 4]
-    kills = 0
-    for attempt in range(8):
-        proc = _device_cli(*args)
-        if kills < 3:
-            time.sleep(rng.uniform(3.0, 6.0))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-        output = proc.communicate(timeout=300)[0]
-        if proc.returncode == 0 and "finished at step" in output:
+    outputs, landed = [], []  # landed: the checkpoint step on disk when each kill struck
+    # three kills: mid-way after the process's 2nd checkpoint, right after its 1st, mid-way after its 2nd
+    for attempt, mid_way in enumerate((True, False, True, None)):
+        outputs.append(tmp_path / f"out{attempt}.txt")
+        with open(outputs[-1], "w") as sink:
+            proc = _device_cli(*args, stdout=sink, stderr=subprocess.STDOUT)
+        if mid_way is None:  # the last restart runs to the end
+            assert proc.wait(timeout=300) == 0, outputs[-1].read_text()
             break
-        assert proc.returncode in (0, -signal.SIGKILL), output
-    else:
-        pytest.fail("training never finished")
-    assert kills >= 1
+        seen = _wait_for_checkpoint(proc, run, landed[-1] if landed else 0, outputs[-1])
+        if mid_way:
+            t0 = time.time()
+            seen = _wait_for_checkpoint(proc, run, seen, outputs[-1])
+            time.sleep((time.time() - t0) / 2)  # half a checkpoint interval: two steps past `seen`
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        at_death = dtrain.read_progress(run)["step"]
+        assert seen <= at_death < STEPS
+        landed.append(at_death)
+    assert len(landed) == 3 and len(set(landed)) == 3
+    # the mid-way kills struck after steps past the checkpoint: work that the restart had to redo
+    assert _shown_steps(outputs[0].read_text())[-1] > landed[0] and _shown_steps(outputs[2].read_text())[-1] > landed[2]
+    # each restart began at the checkpoint on disk when the one before it was killed: its own progress bar
+    # shows it, and progress.json lists where every process that saved a checkpoint began
+    assert [_shown_steps(o.read_text())[0] for o in outputs] == [0] + landed
+    assert "finished at step 24" in outputs[-1].read_text()
+    assert dtrain.read_progress(run)["starts"] == [0] + landed
     proc = _device_cli("export", "--bundle", small_bundle, "--checkpoint", run, "--out", tmp_path / "lora")
     assert proc.wait(timeout=120) == 0, proc.stdout.read()
     got = load_tensors(tmp_path / "lora" / dexport.LORA_EXPORT)
     assert got.keys() == expected.keys()
-    worst = max((got[k] - expected[k]).abs().max().item() for k in got)
-    assert worst <= 1e-6, worst
-    assert json.loads((tmp_path / "lora" / dexport.LORA_RECORD).read_text())["tensors"] == reference["tensors"]
+    assert all(torch.equal(got[k], expected[k]) for k in got)  # bit for bit
+    for name in (dexport.LORA_EXPORT, dexport.LORA_RECORD):
+        assert (tmp_path / "lora" / name).read_bytes() == (trained[2] / name).read_bytes()
+
+
+def test_collect_runs_without_torch(small_bundle, photo_dir, collected, tmp_path):
+    """`device collect` with torch, diffusers, transformers and peft unimportable writes the same buffer."""
+    path = tmp_path / "buffer.bin"
+    proc = _device_cli("collect", "--bundle", small_bundle, "--images", photo_dir, "--buffer", path,
+                       "--samples", 12, "--seed", 3)
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    assert path.read_bytes() == collected.read_bytes()
 
 
 def test_broken_buffers_are_refused_with_the_fix(small_bundle, collected, tmp_path):
@@ -271,3 +307,187 @@ def test_fp16_buffer_effect_on_training_loss(small_bundle, photo_dir, collected,
     rel = np.abs(fp16 - fp32).max() / fp32.mean()
     print(f"fp16 buffer: max per-step loss difference {rel:.2e} of the mean fp32 loss")
     assert rel < 0.02
+
+
+# ---------------------------------------------------------------- export checks what it stamps
+
+
+def _other_bundle(small_bundle, folder):
+    """A copy of the bundle with another instance prompt: another manifest, so another bundle id."""
+    shutil.copytree(small_bundle, folder)
+    manifest = json.loads((folder / fmt.MANIFEST).read_text())
+    manifest["prompts"]["instance"] = "a sks dog"
+    (folder / fmt.MANIFEST).write_text(json.dumps(manifest))
+    assert fmt.bundle_id(folder) != fmt.bundle_id(small_bundle)
+    return folder
+
+
+def test_export_refuses_another_bundles_run_a_bad_hash_and_a_bare_checkpoint(small_bundle, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    progress = dtrain.read_progress(run)
+    other = _other_bundle(small_bundle, tmp_path / "other")
+
+    def export(bundle, checkpoint):
+        out = tmp_path / "out"
+        with pytest.raises(dexport.RuntimeFault) as err:
+            dexport.export_lora(bundle, checkpoint, out)
+        assert not out.exists() or not list(out.iterdir())  # nothing written
+        return str(err.value)
+
+    assert "trained for another bundle" in export(other, run)
+    assert "trained for another bundle" in export(other, run / progress["checkpoint"])
+    assert "is not the last checkpoint" in export(small_bundle, run / progress["previous"])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(run / progress["checkpoint"], bare)
+    assert "outside its run folder cannot be checked" in export(small_bundle, bare / progress["checkpoint"])
+    # one flipped byte of the checkpoint, at its middle (inside the tensors, not the header)
+    path = run / progress["checkpoint"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert "fails its hash" in export(small_bundle, run)
+    assert "fails its hash" in export(small_bundle, path)
+    res = CliRunner().invoke(main, ["device", "export", "--bundle", str(small_bundle), "--checkpoint", str(run),
+                                    "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 1 and "fails its hash" in res.output and not (tmp_path / "cli").exists()
+
+
+EXPORT_ONCE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from hollow_export.device.export import export_lora
+    export_lora(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+""")
+
+
+def test_export_is_byte_for_byte_reproducible(small_bundle, trained, tmp_path):
+    """Exports of one checkpoint (run folder or its checkpoint file, this process or a fresh one) are identical."""
+    run, progress, first = trained
+    dexport.export_lora(small_bundle, run / progress["checkpoint"], tmp_path / "again")
+    subprocess.run([sys.executable, "-c", EXPORT_ONCE, str(small_bundle), str(run), str(tmp_path / "child")],
+                   check=True, timeout=120)
+    for name in (dexport.LORA_EXPORT, dexport.LORA_RECORD):
+        assert (tmp_path / "again" / name).read_bytes() == (first / name).read_bytes(), name
+        assert (tmp_path / "child" / name).read_bytes() == (first / name).read_bytes(), name
+    # the bytes are a valid safetensors file holding the checkpoint's LoRA tensors (read by ORT directly)
+    from safetensors import safe_open
+    state = ort_session.training_api().CheckpointState.load_checkpoint(str(run / progress["checkpoint"]))
+    manifest = fmt.open_bundle(small_bundle)
+    with safe_open(str(first / dexport.LORA_EXPORT), "np") as f:
+        assert f.metadata()["bundle"] == fmt.bundle_id(small_bundle)
+        assert f.metadata()["rank"] == str(manifest["hyper"]["rank"])
+        for item in manifest["lora"]:
+            assert np.array_equal(f.get_tensor(item["unet_name"]), state.parameters[item["name"]].data)
+    # the fault being fixed is real: safetensors alone writes the metadata in varying orders
+    from safetensors.numpy import save
+    metadata = {k: str(k) for k in ("format", "format_version", "bundle", "rank", "alpha")}
+    assert len({save({"x": np.zeros(2, np.float32)}, metadata=metadata) for _ in range(20)}) > 1
+
+
+# ---------------------------------------------------------------- NaN, infinity and bad numbers
+
+
+def test_library_refuses_bad_numbers(small_bundle, photo_dir, tmp_path):
+    for bad in ({"lr": 0.0}, {"lr": -1e-4}, {"lr": float("nan")}, {"lr": float("inf")}, {"steps": 0},
+                {"steps": -5}, {"checkpoint_every": 0}, {"checkpoint_every": -3}, {"max_minutes": -1.0}):
+        with pytest.raises(dtrain.RuntimeFault, match="must be"):
+            dtrain.TrainConfig(**bad)
+    with pytest.raises(dcollect.RuntimeFault, match="at least 1"):
+        dcollect.collect(small_bundle, photo_dir, tmp_path / "b.bin", samples=0, progress=False)
+    assert not (tmp_path / "b.bin").exists()
+
+
+def _progress_bytes(run):
+    return (run / dtrain.PROGRESS).read_bytes()
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(small_bundle, collected, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    dtrain.train(small_bundle, collected, run, dtrain.TrainConfig(steps=4, checkpoint_every=4, progress=False))
+    before = _progress_bytes(run)
+    kept = dtrain.read_progress(run)["checkpoint"]
+
+    def unchanged():
+        assert _progress_bytes(run) == before and sorted(p.name for p in run.iterdir()) == [kept, dtrain.PROGRESS]
+
+    # an absurd rate through the CLI: step 5's loss is computed before its update, which throws the LoRA
+    # to ~1e6; step 6's loss is the first non-finite one. One line, exit 1, nothing saved past step 4.
+    res = CliRunner().invoke(main, ["device", "train", "--bundle", str(small_bundle), "--buffer", str(collected),
+                                    "--run", str(run), "--steps", "24", "--checkpoint-every", "4", "--lr", "1e6"])
+    assert res.exit_code == 1 and "finished" not in res.output, res.output
+    assert "diverged at step 6 (loss nan)" in res.output and "checkpoint-000004 (step 4) is kept" in res.output
+    assert "smaller --lr" in res.output
+    unchanged()
+    # past the library's lr check (as a caller bypassing it would be), lr nan makes the LoRA nan while the
+    # step's loss is still finite: the checkpoint due right then is not written
+    monkeypatch.setattr(dtrain.TrainConfig, "__post_init__", lambda self: None)
+    with pytest.raises(dtrain.RuntimeFault, match=r"diverged at step 5 \(.* holds NaN or infinity\)"):
+        dtrain.train(small_bundle, collected, run, dtrain.TrainConfig(steps=8, checkpoint_every=1,
+                                                                      lr=float("nan"), progress=False))
+    unchanged()
+    monkeypatch.undo()
+    # the run resumes from the kept checkpoint with a sane rate
+    done = dtrain.train(small_bundle, collected, run, dtrain.TrainConfig(steps=8, checkpoint_every=4,
+                                                                         progress=False))
+    assert done["finished"] and done["starts"][-1] == 4 and np.all(np.isfinite(done["losses"]))
+
+
+def test_export_refuses_non_finite_lora(small_bundle, collected, tmp_path, monkeypatch):
+    """A checkpoint holding NaNs (saved here with both of training's guards switched off) is not exported."""
+    monkeypatch.setattr(dtrain.TrainConfig, "__post_init__", lambda self: None)
+    monkeypatch.setattr(dtrain, "non_finite", lambda *_: None)
+    run = tmp_path / "run"
+    dtrain.train(small_bundle, collected, run, dtrain.TrainConfig(steps=1, checkpoint_every=1, lr=float("nan"),
+                                                                  progress=False))
+    monkeypatch.undo()
+    state = ort_session.training_api().CheckpointState.load_checkpoint(str(run / "checkpoint-000001"))
+    names = [item["name"] for item in fmt.open_bundle(small_bundle)["lora"]]
+    assert np.isnan(state.parameters[names[0]].data).all()  # the fault is in the file export reads
+    with pytest.raises(dexport.RuntimeFault, match=f"NaN or infinity in {names[0]}.*smaller --lr"):
+        dexport.export_lora(small_bundle, run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- a run keeps its buffer
+
+
+def test_resume_refuses_a_buffer_from_other_photos(small_bundle, photo_dir, collected, tmp_path):
+    from PIL import Image
+    photos = tmp_path / "photos"
+    shutil.copytree(photo_dir, photos)
+    first = sorted(photos.iterdir())[0]
+    Image.open(first).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(first)
+    other = tmp_path / "other.bin"
+    dcollect.collect(small_bundle, photos, other, samples=12, seed=3, progress=False)  # same seed and size
+    run = tmp_path / "run"
+    dtrain.train(small_bundle, collected, run, dtrain.TrainConfig(steps=2, checkpoint_every=2, progress=False))
+    before = _progress_bytes(run)
+    with pytest.raises(dtrain.RuntimeFault, match=r"trained on another buffer \(photos differ\).*pass the buffer"):
+        dtrain.train(small_bundle, other, run, dtrain.TrainConfig(steps=4, checkpoint_every=2, progress=False))
+    assert _progress_bytes(run) == before
+    assert dtrain.train(small_bundle, collected, run, dtrain.TrainConfig(steps=4, checkpoint_every=2,
+                                                                         progress=False))["finished"]
+
+
+# ---------------------------------------------------------------- collect checks a finished buffer
+
+
+def test_collect_again_on_a_complete_but_corrupted_buffer_reports_it(small_bundle, photo_dir, collected, tmp_path):
+    damaged = tmp_path / "buffer.bin"
+    data = bytearray(collected.read_bytes())
+    header, start = buffer.read_header(collected)
+    sample = 7
+    data[start + sample * header.record_bytes + header.record_bytes // 2] ^= 0x10  # inside sample 7's hidden state
+    damaged.write_bytes(bytes(data))
+    res = CliRunner().invoke(main, ["device", "collect", "--bundle", str(small_bundle), "--images", str(photo_dir),
+                                    "--buffer", str(damaged), "--samples", "12", "--seed", "3"])
+    assert res.exit_code == 1, res.output
+    assert f"sample {sample} is corrupted (checksum mismatch)" in res.output and "collect` again" in res.output
+    assert damaged.read_bytes() == bytes(data)  # reported, not silently rewritten
+    # the intact buffer is accepted as complete and left as it was
+    copy = tmp_path / "intact.bin"
+    shutil.copy(collected, copy)
+    dcollect.collect(small_bundle, photo_dir, copy, samples=12, seed=3, progress=False)
+    assert copy.read_bytes() == collected.read_bytes()

@@ -114,9 +114,8 @@ class BufferReader:
         if complete < self.header.capacity:
             raise RuntimeFault(f"{self.path} holds {complete} of {self.header.capacity} samples (truncated or "
                                "unfinished); run `hollow-export device collect` again to finish it")
+        check_records(self.path, self.header, self.start, self.header.capacity)  # fails now, not at 3 a.m.
         self.file = open(self.path, "rb")
-        for i in range(self.header.capacity):  # one streaming pass: a damaged buffer fails now, not at 3 a.m.
-            self[i]
 
     def __len__(self):
         return self.header.capacity
@@ -134,7 +133,8 @@ class BufferReader:
 
 
 def open_for_append(path: Path, header: BufferHeader) -> int:
-    """Create the buffer or check an existing one matches; drop a torn last record. Returns samples done."""
+    """Create the buffer, or check an existing one matches and its records are intact (dropping a record torn
+    by a kill). Returns the samples done."""
     if not path.exists() or path.stat().st_size == 0:
         with store.atomic_path(path) as tmp:
             tmp.write_bytes(header.to_bytes())
@@ -148,7 +148,19 @@ def open_for_append(path: Path, header: BufferHeader) -> int:
     done = min((size - start) // header.record_bytes, header.capacity)
     if start + done * header.record_bytes != size:
         os.truncate(path, start + done * header.record_bytes)  # a record torn by a kill
+    check_records(path, header, start, done)
     return done
+
+
+def check_records(path: Path, header: BufferHeader, start: int, count: int) -> None:
+    """Read the first `count` records once, checking each one's checksum and place (the buffer is never
+    held in memory); a damaged record raises the fix."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        for i in range(count):
+            record = decode_record(header, f.read(header.record_bytes), f"{path} sample {i}")
+            if record["index"] != i:
+                raise RuntimeFault(f"{path} sample {i} is out of place; delete the buffer and collect again")
 
 
 def append_record(f, path: Path, record: bytes) -> None:

@@ -39,7 +39,7 @@ def collect(bundle_dir: Path, images: Path, buffer_path: Path, samples: int | No
 
     bundle = Bundle.from_pretrained(bundle_dir)
     manifest = bundle.manifest
-    samples = samples or bundle.hyper["samples"]
+    samples = bundle.hyper["samples"] if samples is None else samples
     if dtype not in ("float32", "float16"):
         raise RuntimeFault(f"--dtype must be float32 or float16 (got {dtype})")
     if samples < 1:
@@ -49,7 +49,9 @@ def collect(bundle_dir: Path, images: Path, buffer_path: Path, samples: int | No
                           dtype=dtype, latent_shape=plan["latent_shape"], hidden_shape=plan["buffer_shape"])
     photos = load_photos(images, manifest["hyper"]["resolution"])
     buffer_path = Path(buffer_path)
-    done = open_for_append(buffer_path, header)
+    done = open_for_append(buffer_path, header)  # a resumed or complete buffer is checked record by record
+    if done == samples:
+        return header
 
     vae = inference_session(bundle.path(VAE_ENCODER))
     precompute = inference_session(bundle.path(PRECOMPUTE))

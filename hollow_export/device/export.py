@@ -1,13 +1,18 @@
 """Export on the device: the trained LoRA as the small file the phone sends back.
 
-In:  a bundle and a checkpoint file or run folder.
+In:  a bundle and a run folder (or a checkpoint file inside one: the run's progress.json beside it
+     is what proves which bundle and buffer it was trained for, and its hash).
 Out: `lora.safetensors` (LoRA tensors under their full-U-Net names, float32, metadata naming the
-     format, the bundle id, rank and alpha) and `lora.json` (its sha256): what `merge` reads.
+     format, the bundle id, rank and alpha) and `lora.json` (its sha256): what `merge` reads. Both are
+     byte-for-byte reproducible: one checkpoint always exports the same bytes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import json
+import struct
 
 import numpy as np
 
@@ -15,24 +20,53 @@ from .. import store
 from ..bundle import Bundle
 from .errors import RuntimeFault
 from .ort_session import training_api
-from .train import read_progress
+from .train import PROGRESS, non_finite, read_progress, verified_checkpoint
 
 LORA_EXPORT = "lora.safetensors"
 LORA_RECORD = "lora.json"
 LORA_FORMAT = "hollow-export-lora"
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file, or a run folder (its last saved checkpoint)."""
+def resolve_checkpoint(path: Path, bundle_id: str) -> Path:
+    """The checked checkpoint of a run folder (its last saved one), or of a checkpoint file in its run folder.
+
+    A checkpoint carries neither its bundle nor a hash: only its run's progress.json does. So a bare
+    checkpoint file (no progress.json beside it, or one naming another checkpoint) is refused rather
+    than exported unchecked, under this bundle's id.
+    """
     path = Path(path)
-    if path.is_dir():
-        progress = read_progress(path)
-        if progress is None or not progress.get("checkpoint"):
-            raise RuntimeFault(f"{path} holds no finished checkpoint; run `hollow-export device train` first")
-        return path / progress["checkpoint"]
     if not path.exists():
-        raise RuntimeFault(f"checkpoint {path} does not exist")
-    return path
+        raise RuntimeFault(f"checkpoint {path} does not exist; pass the --run folder of `device train`")
+    run = path if path.is_dir() else path.parent
+    progress = read_progress(run)
+    if progress is None:
+        raise RuntimeFault(f"{run} has no {PROGRESS}: a checkpoint outside its run folder cannot be checked; "
+                           "pass the --run folder of `device train`")
+    if not path.is_dir() and progress.get("checkpoint") != path.name:
+        raise RuntimeFault(f"{path.name} is not the last checkpoint of {run} (that is {progress.get('checkpoint')}) "
+                           "and has no recorded hash; pass the run folder to export its last checkpoint")
+    if progress.get("bundle") != bundle_id:
+        raise RuntimeFault(f"{run} was trained for another bundle; pass that bundle's folder as --bundle, or "
+                           "train this one with `hollow-export device train`")
+    return verified_checkpoint(run, progress)
+
+
+def canonical_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with `__metadata__`'s keys sorted (same length).
+
+    safetensors keeps the metadata in a hash map, so its key order, and the file's bytes, change from
+    one process to the next; the tensor entries are already in a fixed order.
+    """
+    with open(path, "rb+") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(body) > size:  # cannot happen for the same keys and values; never write a broken file
+            raise RuntimeFault(f"cannot canonicalise {path}'s header")
+        f.seek(8)
+        f.write(body + b" " * (size - len(body)))  # safetensors pads its header with spaces
 
 
 def export_lora(bundle_dir: Path, checkpoint: Path, out: Path) -> dict:
@@ -41,7 +75,7 @@ def export_lora(bundle_dir: Path, checkpoint: Path, out: Path) -> dict:
 
     bundle = Bundle.from_pretrained(bundle_dir)
     manifest = bundle.manifest
-    checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint, bundle.id)
     try:
         state = training_api().CheckpointState.load_checkpoint(str(checkpoint))
     except Exception as err:  # ORT raises its own types for unreadable flatbuffers
@@ -52,11 +86,16 @@ def export_lora(bundle_dir: Path, checkpoint: Path, out: Path) -> dict:
         if item["name"] not in state.parameters:
             raise RuntimeFault(f"{checkpoint} lacks {item['name']}: it belongs to another bundle")
         tensors[item["unet_name"]] = np.ascontiguousarray(state.parameters[item["name"]].data, np.float32)
+    bad = non_finite(state, [item["name"] for item in manifest["lora"]])
+    if bad:
+        raise RuntimeFault(f"{checkpoint} holds NaN or infinity in {bad}: the training diverged; train again "
+                           "with a smaller --lr in a new --run folder")
     metadata = {"format": LORA_FORMAT, "format_version": "1", "bundle": bundle.id,
                 "rank": str(manifest["hyper"]["rank"]), "alpha": str(manifest["hyper"]["alpha"])}
     out = Path(out)
     with store.atomic_path(out / LORA_EXPORT) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        canonical_metadata(tmp)
     record = {**metadata, "file": LORA_EXPORT, "sha256": store.sha256(out / LORA_EXPORT),
               "tensors": len(tensors), "checkpoint": checkpoint.name}
     store.write_json(out / LORA_RECORD, record)

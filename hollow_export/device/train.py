@@ -10,6 +10,7 @@ Out: ORT checkpoints (the last two kept) and `progress.json` in the run folder, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -37,6 +38,54 @@ class TrainConfig:
     max_minutes: float | None = None
     lr: float | None = None  # None: the bundle's
     progress: bool = True
+
+    def __post_init__(self):
+        """The library's own check of the numbers (the CLI's option ranges are the first line)."""
+        if self.steps is not None and self.steps < 1:
+            raise RuntimeFault(f"steps must be at least 1 (got {self.steps})")
+        if self.checkpoint_every < 1:
+            raise RuntimeFault(f"checkpoint_every must be at least 1 (got {self.checkpoint_every})")
+        if self.max_minutes is not None and not self.max_minutes >= 0:
+            raise RuntimeFault(f"max_minutes must be 0 or more (got {self.max_minutes})")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise RuntimeFault(f"the learning rate must be a finite number above 0 (got {self.lr})")
+
+
+def buffer_identity(header) -> dict:
+    """What names a buffer's content: a run trains on one buffer, and refuses another on resume."""
+    return {"bundle": header.bundle, "photos": header.photos, "seed": header.seed, "capacity": header.capacity,
+            "dtype": header.dtype}
+
+
+def check_buffer(run: Path, progress: dict, header) -> None:
+    """Refuse to resume `run` over a buffer other than the one it started on."""
+    recorded = progress.get("buffer")
+    if recorded is None:  # a run folder written before runs recorded their buffer (or by the Kotlin core)
+        recorded = {"seed": progress["buffer_seed"]} if "buffer_seed" in progress else {}
+    differ = [k for k, v in recorded.items() if buffer_identity(header).get(k) != v]
+    if differ:
+        raise RuntimeFault(f"{run} was trained on another buffer ({', '.join(differ)} differ); pass the buffer "
+                           "it started with, or a new --run folder to train on this one")
+
+
+def verified_checkpoint(run: Path, progress: dict) -> Path:
+    """The run's current checkpoint, after checking it (and its .data file) against progress.json's hashes."""
+    if not progress.get("checkpoint"):
+        raise RuntimeFault(f"{run} holds no finished checkpoint; run `hollow-export device train` first")
+    path = Path(run) / progress["checkpoint"]
+    data = path.with_name(path.name + ".data")
+    if not path.exists() or store.sha256(path) != progress["sha256"] or (
+            progress.get("data_sha256") and (not data.exists() or store.sha256(data) != progress["data_sha256"])):
+        raise RuntimeFault(f"checkpoint {path} is missing or fails its hash; delete {run} to start over")
+    return path
+
+
+def non_finite(state, names) -> str | None:
+    """The first of the named (LoRA) parameters holding a NaN or an infinity, or None."""
+    for name in names:
+        if not np.isfinite(state.parameters[name].data).all():
+            return name
+    return None
 
 
 def _checkpoint_name(step: int) -> str:
@@ -101,22 +150,19 @@ def train(bundle_dir: Path, buffer_path: Path, run: Path, config: TrainConfig) -
     identity = bundle.id
     buffer = BufferReader(buffer_path, identity)
     hyper = bundle.hyper
-    config = replace(config, steps=config.steps or hyper["steps"])
+    config = replace(config, steps=hyper["steps"] if config.steps is None else config.steps)
     run.mkdir(parents=True, exist_ok=True)
     progress = read_progress(run)
     if progress is None:
-        progress = {"bundle": identity, "buffer_seed": buffer.header.seed, "seed": hyper["seed"], "losses": [],
-                    "step": 0, "checkpoint": None, "previous": None}
+        progress = {"bundle": identity, "buffer_seed": buffer.header.seed, "buffer": buffer_identity(buffer.header),
+                    "seed": hyper["seed"], "losses": [], "step": 0, "checkpoint": None, "previous": None}
         state = api.CheckpointState.load_checkpoint(str(bundle_dir / CHECKPOINT))
     else:
         if progress["bundle"] != identity:
             raise RuntimeFault(f"{run} belongs to another bundle; pass a new --run folder")
-        path = run / progress["checkpoint"]
-        data = path.with_name(path.name + ".data")
-        if not path.exists() or store.sha256(path) != progress["sha256"] or (
-                progress.get("data_sha256") and (not data.exists() or store.sha256(data) != progress["data_sha256"])):
-            raise RuntimeFault(f"checkpoint {path} is missing or fails its hash; delete {run} to start over")
-        state = api.CheckpointState.load_checkpoint(str(path))
+        check_buffer(run, progress, buffer.header)
+        state = api.CheckpointState.load_checkpoint(str(verified_checkpoint(run, progress)))
+    progress["starts"] = progress.get("starts", []) + [progress["step"]]  # where each process began
     module = api.Module(str(bundle_dir / TRAINING_MODEL), state, str(bundle_dir / EVAL_MODEL))
     optimizer = api.Optimizer(str(bundle_dir / OPTIMIZER_MODEL), module)
     lr = config.lr if config.lr is not None else hyper["lr"]
@@ -131,6 +177,8 @@ def train(bundle_dir: Path, buffer_path: Path, run: Path, config: TrainConfig) -
     while step < config.steps:
         inputs = _batch(buffer, acp, instance, progress["seed"], step, batch, hyper["prediction_type"])
         loss = float(module(*inputs))
+        if not math.isfinite(loss):
+            _stop_non_finite(run, progress, step + 1, f"loss {loss}")
         optimizer.step()
         module.lazy_reset_grad()
         step += 1
@@ -139,6 +187,9 @@ def train(bundle_dir: Path, buffer_path: Path, run: Path, config: TrainConfig) -
         bar.set_postfix(loss=f"{loss:.4f}")
         out_of_time = config.max_minutes is not None and time.time() - started > 60 * config.max_minutes
         if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
+            bad = non_finite(state, [item["name"] for item in bundle.manifest["lora"]])
+            if bad:  # never save a non-finite state
+                _stop_non_finite(run, progress, step, f"{bad} holds NaN or infinity")
             progress["previous"] = progress.get("checkpoint")
             _save(state, run, step, progress)  # every exit from this loop passes here first
             progress = read_progress(run)
@@ -149,6 +200,16 @@ def train(bundle_dir: Path, buffer_path: Path, run: Path, config: TrainConfig) -
     progress["peak_rss_bytes"] = peak_rss_bytes()
     progress["finished"] = step >= config.steps
     return progress
+
+
+def _stop_non_finite(run: Path, progress: dict, step: int, what: str) -> None:
+    if progress.get("checkpoint"):
+        kept = f"{progress['checkpoint']} (step {progress['step']}) is kept in {run}"
+        then = "it resumes from the kept checkpoint"
+    else:
+        kept, then = f"no checkpoint was saved in {run}", "it starts from step 0"
+    raise RuntimeFault(f"training diverged at step {step} ({what}); stopped, {kept}; run again with a smaller "
+                       f"--lr ({then})")
 
 
 def _batch(buffer: BufferReader, acp, instance, seed: int, step: int, batch: int, prediction_type: str) -> list:
