@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hollow_export import bundle as fmt, store
+from hollow_export import bundle as fmt
 from hollow_export.hollow import lora
 from hollow_export.device import buffer, rng, ort_session
 from hollow_export.device import collect as dcollect
