@@ -1,7 +1,6 @@
 """The device runtime, ORT alone: collect -> train -> export, resume after SIGKILL, clear errors."""
 
 import json
-import os
 import re
 import shutil
 import signal
