@@ -1,7 +1,6 @@
 """The device runtime, ORT alone: collect -> train -> export, resume after SIGKILL, clear errors."""
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -15,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hollow_export import bundle as fmt, store
+from hollow_export import bundle as fmt
 from hollow_export.hollow import lora
 from hollow_export.device import buffer, rng, ort_session
 from hollow_export.device import collect as dcollect

@@ -143,9 +143,12 @@ def test_kotlin_verifies_a_python_bundle_and_refuses_a_flipped_byte(kotlin, smal
     target.write_bytes(bytes(data))
     err = kotlin("verify-bundle", bundle=copy, expect_error=True)
     assert "precompute.onnx" in err["error"] and "sha256" in err["error"]
-    (copy / fmt.SCHEDULE).unlink()
-    err = kotlin("verify-bundle", bundle=copy, expect_error=True)
-    assert "schedule.safetensors is missing" in err["error"] or "precompute.onnx" in err["error"]
+    # a missing file alone (a fresh copy, every other file intact): the missing branch, not the modified one
+    missing = tmp_path / "missing"
+    shutil.copytree(small_bundle, missing)
+    (missing / fmt.SCHEDULE).unlink()
+    err = kotlin("verify-bundle", bundle=missing, expect_error=True)
+    assert "schedule.safetensors is missing" in err["error"] and "sha256" not in err["error"], err
     manifest_path = copy / fmt.MANIFEST
     manifest_path.write_text(manifest_path.read_text().replace('"format_version": 1', '"format_version": 2'))
     err = kotlin("verify-bundle", bundle=copy, expect_error=True)
@@ -287,9 +290,16 @@ def test_run_folders_resume_across_languages(kotlin, small_bundle, buffers, tmp_
     assert out["records"] == expected_records(range(6, 9))
     assert out["files"] == ["checkpoint-000008", "checkpoint-000009", "progress.json"]
     assert dtrain.read_progress(run)["losses"][:6] == progress["losses"]
-    (run / "checkpoint-000009").write_bytes(b"tampered")
+    # the checkpoint missing alone, then present but modified: each branch on its own
+    saved = (run / "checkpoint-000009").read_bytes()
+    (run / "checkpoint-000009").unlink()
     err = kotlin("fake-train", bundle=small_bundle, buffer=buffer, run=run, steps=10, expect_error=True)
     assert "checkpoint-000009 is missing or fails its hash" in err["error"]
+    (run / "checkpoint-000009").write_bytes(saved)
+    assert kotlin("fake-train", bundle=small_bundle, buffer=buffer, run=run, steps=10)["step"] == 10  # restored
+    (run / "checkpoint-000010").write_bytes(b"tampered")
+    err = kotlin("fake-train", bundle=small_bundle, buffer=buffer, run=run, steps=11, expect_error=True)
+    assert "checkpoint-000010 is missing or fails its hash" in err["error"]
 
 
 def _lora_files(folder):

@@ -36,6 +36,10 @@ def phone_lora(bundle, out, seed=0):
             state.parameters[item["name"]] = (g.standard_normal(item["shape"]) * 0.2).astype(np.float32)
     del module
     api.CheckpointState.save_checkpoint(state, str(out / "ckpt"))
+    # export checks a checkpoint against its run's progress.json: record this one as a run's last
+    from hollow_export import store
+    store.write_json(out / dtrain.PROGRESS, {"bundle": fmt.bundle_id(bundle), "step": 0, "checkpoint": "ckpt",
+                                             "sha256": store.sha256(out / "ckpt")})
     dexport.export_lora(bundle, out / "ckpt", out)
     return out / dexport.LORA_EXPORT
 

@@ -4,7 +4,8 @@ In:  a header (bundle id, photo digest, capacity, seed, dtype, shapes) and recor
      timestep, clean latent, noise, buffered hidden state).
 Out: the file's bytes (`BufferHeader.to_bytes`, `encode_record`), and back (`read_header`,
      `BufferReader`: random access to complete records, never the whole buffer in memory);
-     `open_for_append` resumes a partly written buffer. Layout: android_demo/PROTOCOL.md.
+     `open_for_append` resumes a partly written buffer after checking the records it holds.
+     Layout: android_demo/PROTOCOL.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 In:  a bundle, a buffer file, a run folder and a `TrainConfig` (steps, checkpoint interval,
      time limit, learning-rate override).
 Out: ORT checkpoints (the last two kept) and `progress.json` in the run folder, and the progress
-     record (losses, step, peak RSS). Data order: `rng.epoch_order`; checkpoint policy:
+     record (losses, step, peak RSS, the buffer's identity, the step each process began at). A resume
+     checks the bundle, the buffer and the checkpoint's hash; a non-finite loss or LoRA stops training
+     with the last good checkpoint kept. Data order: `rng.epoch_order`; checkpoint policy:
      android_demo/PROTOCOL.md.
 """
 
