@@ -465,7 +465,7 @@ class _FakeSession:
 
 def test_collection_matches_python_byte_for_byte(kotlin, small_bundle, photo_dir, tmp_path, monkeypatch):
     buffer_shape = fmt.open_bundle(small_bundle, verify=False)["plan"]["buffer_shape"]
-    monkeypatch.setattr(runtime, "_session", lambda path: _FakeSession(path, buffer_shape))
+    monkeypatch.setattr(dcollect, "inference_session", lambda path, *a, **k: _FakeSession(path, buffer_shape))
     for dtype in ("float32", "float16"):
         ref = tmp_path / f"py-{dtype}.bin"
         dcollect.collect(small_bundle, photo_dir, ref, samples=7, seed=5, dtype=dtype, progress=False)
