@@ -188,8 +188,8 @@ def accuracy(judge: Judge, n: int = 1000, split: str = "test", start: int = 0) -
 
 # ------------------------------------------------------------------------------------------------ training
 
-def train(folder: Path = JUDGE_DIR, images: int = 4000, steps: int = 1200, batch: int = 32, seed: int = 0,
-          width: int = 16, lr: float = 3e-3, log=print) -> dict:
+def train(folder: Path = JUDGE_DIR, images: int = 6000, steps: int = 4000, batch: int = 32, seed: int = 0,
+          width: int = 24, lr: float = 3e-3, log=print) -> dict:
     """Train on renders only (split "train"), test on fresh renders (split "test"); save safetensors + hash."""
     from safetensors.torch import save_file
 
@@ -219,7 +219,7 @@ def train(folder: Path = JUDGE_DIR, images: int = 4000, steps: int = 1200, batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % 100 == 0:
+        if (step + 1) % 250 == 0:
             log(f"judge: step {step + 1}/{steps} loss {float(loss):.3f} ({time.time() - t0:.0f}s)")
     net.eval()
     folder = Path(folder)
@@ -258,9 +258,12 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(description="Train the toy-world judge on renders and save it.")
     p.add_argument("--out", type=Path, default=JUDGE_DIR)
-    p.add_argument("--images", type=int, default=4000)
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--images", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    train(a.out, images=a.images, steps=a.steps, log=lambda m: print(m, flush=True))
+    def log_line(message: str) -> None:
+        print(message, flush=True)
+
+    train(a.out, images=a.images, steps=a.steps, log=log_line)
