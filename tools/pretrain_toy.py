@@ -129,7 +129,7 @@ def train_vae(data: torch.Tensor, args, dev, losses: list):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        losses.append(("vae", step, float(l1), float(l2), float(kl)))
+        losses.append(("vae", step, l1.item(), l2.item(), kl.item()))
     return vae.eval().requires_grad_(False)
 
 
@@ -194,7 +194,7 @@ def train_unet(lat_mean, lat_std, scale, cap_index, cap_emb, empty_emb, args, de
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
-        losses.append(("unet", step, float(loss)))
+        losses.append(("unet", step, loss.item()))
     return ema
 
 

@@ -189,7 +189,7 @@ def accuracy(judge: Judge, n: int = 1000, split: str = "test", start: int = 0) -
 # ------------------------------------------------------------------------------------------------ training
 
 def train(folder: Path = JUDGE_DIR, images: int = 6000, steps: int = 4000, batch: int = 32, seed: int = 0,
-          width: int = 24, lr: float = 3e-3, log=print) -> dict:
+          width: int = 24, lr: float = 3e-3, max_minutes: float = 60.0, log=print) -> dict:
     """Train on renders only (split "train"), test on fresh renders (split "test"); save safetensors + hash."""
     from safetensors.torch import save_file
 
@@ -207,9 +207,16 @@ def train(folder: Path = JUDGE_DIR, images: int = 6000, steps: int = 4000, batch
     net = JudgeNet(width).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
+    start = time.time()
     for step in range(steps):
+        # By steps, or by the wall-clock budget on a busy shared CPU (the schedule completes either way).
+        frac = max(step / steps, (time.time() - start) / (60 * max_minutes))
+        if frac >= 1.0:
+            log(f"judge: stopped by max_minutes={max_minutes} at step {step} of {steps}")
+            steps = step
+            break
         for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * frac))
         idx = torch.randint(0, len(x_all), (batch,), generator=g)
         x = x_all[idx]
         flip = torch.rand(batch, generator=g) < 0.5  # mirror images keep every label
@@ -229,7 +236,7 @@ def train(folder: Path = JUDGE_DIR, images: int = 6000, steps: int = 4000, batch
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     config = {"width": width, "input": INPUT, "embed": EMBED, "heads": {k: list(v) for k, v in HEADS.items()},
               "trained_on": f"{images} renders of world split 'train' (all combinations), never generated images",
-              "steps": steps, "batch": batch, "seed": seed, "lr": lr, "sha256": digest}
+              "steps_done": steps, "max_minutes": max_minutes, "batch": batch, "seed": seed, "lr": lr, "sha256": digest}
     judge = Judge(net, config)
     acc = accuracy(judge, n=1000, split="test")
     sub = subject_accuracy(judge)
@@ -261,9 +268,10 @@ if __name__ == "__main__":
     p.add_argument("--images", type=int, default=6000)
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-minutes", type=float, default=60.0)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     def log_line(message: str) -> None:
         print(message, flush=True)
 
-    train(a.out, images=a.images, steps=a.steps, log=log_line)
+    train(a.out, images=a.images, steps=a.steps, max_minutes=a.max_minutes, log=log_line)
