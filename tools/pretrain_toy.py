@@ -33,7 +33,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# Worker threads sleep instead of spinning at barriers: on a CPU shared with other jobs a spinning
+# thread that waits for a descheduled sibling burns the little time this niced process gets.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -267,6 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=8000)
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-max-minutes", type=float, default=12.0)
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="reuse the VAE an earlier run saved (OUT.vae) instead of training one")
     p.add_argument("--vae-crop", type=int, default=64, help="VAE trains on square crops of this size")
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
@@ -295,7 +301,13 @@ def main(argv=None) -> int:
 
     losses: list = []
     t = time.time()
-    vae = train_vae(data, args, dev, losses)
+    if args.vae_from is not None:  # a VAE saved by an earlier run (stage 2 skipped)
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(args.vae_from, local_files_only=True).to(dev).eval().requires_grad_(False)
+        log(f"VAE loaded from {args.vae_from} (not retrained)")
+    else:
+        vae = train_vae(data, args, dev, losses)
+        vae.save_pretrained(Path(str(args.out) + ".vae"), safe_serialization=True)  # for --vae-from
     timings["vae_s"] = time.time() - t
     lat_mean, lat_std = encode_all(vae, data, dev)
     scale = float(1.0 / lat_mean.std())
@@ -336,7 +348,8 @@ def main(argv=None) -> int:
         "device": str(dev),
         "torch": torch.__version__,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "vae_final_l1_mse_kl_last100": [float(np.mean([r[i] for r in vae_rows[-100:]])) for i in (2, 3, 4)],
+        "vae_final_l1_mse_kl_last100": ([float(np.mean([r[i] for r in vae_rows[-100:]])) for i in (2, 3, 4)]
+                                        if vae_rows else f"not trained: loaded from {args.vae_from}"),
         "vae_recon_mse_eval64": vae_mse,
         "scaling_factor": scale,
         "vae_steps_done": len(vae_rows),
