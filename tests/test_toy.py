@@ -1,0 +1,99 @@
+"""The toy world, its subjects, its judge and the pretrained tiny-toy pipeline (fast: seconds)."""
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hollow_export.toy import world
+
+REPO = Path(__file__).resolve().parent.parent
+TOY_MODEL = REPO / "models" / "tiny-toy"
+JUDGE = REPO / "models" / "toy-judge"
+# Measured on 1000 fresh renders (models/toy-judge/config.json): colour 1.0, context 1.0, pattern 0.46,
+# class 0.28 (chance 0.2 / 0.25). The shipped judge is PROVISIONAL: its training was cut at 765 of 4000
+# steps by its wall-clock guard on a starved shared CPU (an earlier 1200-step run reached class 0.49,
+# pattern 0.94). Raise these bars when it is retrained on an idle machine.
+JUDGE_MIN_ACCURACY = {"cls": 0.22, "colour": 0.95, "pattern": 0.35, "context": 0.95}
+
+
+def test_generator_is_deterministic_per_seed():
+    a, b = world.sample_scene(7), world.sample_scene(7)
+    assert a == b and world.caption(a) == world.caption(b)
+    assert np.array_equal(world.render(a), world.render(b))
+    assert world.render(a).shape == (128, 128, 3) and world.render(a).dtype == np.uint8
+    assert world.sample_scene(8) != a
+    assert world.subject(3) == world.subject(3)
+    assert all(np.array_equal(x, y) for x, y in zip(world.subject_photos(3, 4), world.subject_photos(3, 4)))
+
+
+def test_caption_grammar():
+    scene = replace(world.sample_scene(0), cls="ball", colour="red", pattern="striped", context="beach",
+                    say_colour=True, say_pattern=True, say_context=True)
+    assert world.caption(scene) == "a red striped ball on the beach"
+    assert world.caption(replace(scene, pattern="plain")) == "a red ball on the beach"
+    assert world.caption(replace(scene, say_colour=False, say_context=False)) == "a striped ball"
+    assert world.parse_prompt("a sks cup in the snow") == {"cls": "cup", "context": "snow", "colour": None,
+                                                          "pattern": None}
+
+
+def test_held_out_subjects_never_in_pretraining():
+    seen = {(s.cls, s.colour, s.pattern) for s in (world.sample_scene(i) for i in range(3000))}
+    assert not seen & set(world.HELD_OUT)
+    # ...yet every class, colour and pattern, and every class x colour and class x pattern, is seen.
+    assert {c for c, _, _ in seen} == set(world.CLASSES)
+    assert {(c, k) for c, k, _ in seen} == {(c, k) for c in world.CLASSES for k in world.COLOURS}
+    assert {(c, p) for c, _, p in seen} == {(c, p) for c in world.CLASSES for p in world.PATTERNS}
+    for seed in range(200):
+        sub = world.subject(seed)
+        assert (sub.cls, sub.colour, sub.pattern) in world.HELD_OUT
+        assert not set(sub.photo_contexts) & set(sub.novel_contexts)
+
+
+def test_subject_photos_vary_pose_and_context():
+    sub = world.subject(11)
+    scenes = world.subject_scenes(11, 5)
+    assert {s.context for s in scenes} == set(sub.photo_contexts)
+    assert len({(s.cx, s.cy, s.size, s.angle) for s in scenes}) == 5
+    assert {(s.cls, s.colour, s.pattern) for s in scenes} == {(sub.cls, sub.colour, sub.pattern)}
+    assert sub.instance_prompt == f"a sks {sub.cls}" and sub.class_prompt == f"a {sub.cls}"
+
+
+def _sha256sums_ok(folder: Path):
+    lines = (folder / "SHA256SUMS").read_text().split("\n")
+    entries = [line.split("  ", 1) for line in lines if line.strip()]
+    assert entries
+    for digest, name in entries:
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    return [name for _, name in entries]
+
+
+def test_judge_accuracy_on_fresh_renders():
+    from hollow_export.toy import judge
+
+    assert _sha256sums_ok(JUDGE) == ["judge.safetensors"]
+    j = judge.Judge.load(JUDGE)  # also checks the hash in config.json
+    acc = judge.accuracy(j, n=200, split="test-pytest")
+    assert all(acc[k] >= v for k, v in JUDGE_MIN_ACCURACY.items()), acc
+    # Subject similarity separates a subject from another subject.
+    same = j.subject_similarity(world.subject_photos(1, 4), world.subject_photos(1, 4)[::-1])
+    other = j.subject_similarity(world.subject_photos(2, 4), world.subject_photos(1, 4))
+    assert same > other
+
+
+def test_shipped_toy_pipeline_matches_hashes_and_loads():
+    from diffusers import StableDiffusionPipeline
+
+    names = _sha256sums_ok(TOY_MODEL)
+    assert all(not n.endswith((".bin", ".pt", ".pkl", ".ckpt")) for n in names)
+    assert sum((TOY_MODEL / n).stat().st_size for n in names) < 40e6
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    tiny_unet = json.loads((REPO / "models" / "tiny" / "unet.json").read_text())
+    assert list(pipe.unet.config.block_out_channels) == tiny_unet["block_out_channels"]
+    assert pipe.vae.config.block_out_channels == json.loads((REPO / "models" / "tiny" / "vae.json")
+                                                             .read_text())["block_out_channels"]
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
