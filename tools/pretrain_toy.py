@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hollow_export import models  # noqa: E402
+from hollow_export.models import load, registry  # noqa: E402
 from hollow_export.toy import world  # noqa: E402
 
 SHEET_PROMPTS = (
@@ -108,7 +108,7 @@ def train_vae(data: torch.Tensor, args, dev, losses: list):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL.from_config(models.arch_config("tiny", "vae")).to(dev).train()
+    vae = AutoencoderKL.from_config(registry.arch_config("tiny", "vae")).to(dev).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 1)
     start = time.time()
@@ -158,14 +158,14 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], dev) -> torch.Te
 def train_unet(lat_mean, lat_std, scale, cap_index, cap_emb, empty_emb, args, dev, losses: list):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    sched_cfg = models.arch_config("tiny", "scheduler")
+    sched_cfg = registry.arch_config("tiny", "scheduler")
     noise_sched = DDPMScheduler(
         num_train_timesteps=sched_cfg["num_train_timesteps"], beta_start=sched_cfg["beta_start"],
         beta_end=sched_cfg["beta_end"], beta_schedule=sched_cfg["beta_schedule"], prediction_type="epsilon",
     )
     alphas = noise_sched.alphas_cumprod.to(dev)
     torch.manual_seed(args.seed)
-    unet = UNet2DConditionModel.from_config(models.arch_config("tiny", "unet")).to(dev).train()
+    unet = UNet2DConditionModel.from_config(registry.arch_config("tiny", "unet")).to(dev).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed + 2)
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
 
     tmp = Path(str(args.out) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    parts = models._random_parts("tiny", tmp / "tokenizer")  # the FIXED text encoder and tokenizer, seed 0
+    parts = load._random_parts("tiny", tmp / "tokenizer")  # the FIXED text encoder and tokenizer, seed 0
     tokenizer, text_encoder = parts["tokenizer"], parts["text_encoder"].to(dev)
     unique = sorted(set(caps))
     cap_emb = torch.cat([encode_prompts(tokenizer, text_encoder, unique[i:i + 256], dev).cpu()
