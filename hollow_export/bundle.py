@@ -58,7 +58,8 @@ def training_session() -> dict:
       fold (e.g. a transposed copy) and NCHWc re-lays every conv weight and wraps convs in reorder nodes;
       held memory 0.82 -> 0.30 GB and step peak 1.29 -> 0.95 GB with both off (0.51 / 1.15 with folding off
       alone; session.disable_prepacking made it worse, 1.33). With checkpoint-fed weights neither transformer
-      could touch them, so this is the session the earlier bundles ran. fp16 frozen weights need folding off
+      could touch them, so this is the session the earlier bundles ran. Left alone, the page-aligned
+      external initializers are memory-mapped from frozen_weights.bin (clean, reclaimable pages). fp16 frozen weights need folding off
       anyway, or each Cast(fp16 initializer) is folded into an fp32 copy when the session is created.
     - no eval session unless evaluation is asked for (it holds its own copy of the weights).
     """

@@ -78,7 +78,7 @@ def test_chunked_export_is_recognised_and_trains_like_unchunked(plain, tmp_path)
     losses, lora = ort_steps(folder, steps=3)
     worst = max(float(np.abs(lora[n] - ref_lora[n]).max()) for n in ref_lora)
     print(f"chunked vs unchunked: loss rel {np.abs(losses / ref_losses - 1).max():.1e}, LoRA {worst:.1e}")
-    # other GEMM shapes, other rounding: fp32 tolerance
+    # other GEMM shapes, other rounding: fp32 tolerance (measured on tiny, 3 steps: loss equal, LoRA 7.3e-6)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for name in ref_lora:
         np.testing.assert_allclose(lora[name], ref_lora[name], atol=1e-4, err_msg=name)

@@ -8,12 +8,15 @@ Out: `write_frozen_data` streams the weights into ONE file (`FROZEN_DATA`), each
      `attach_frozen` turns each of those graph inputs into an initializer whose bytes live in that file,
      so training_model.onnx and eval_model.onnx both point into the same file and the checkpoint only
      holds LoRA (+ optimizer state). Nothing ever rewrites the file: training writes checkpoints only.
+     Measured on ORT 1.19.2 CPU (mid bundle, the bundle's training session): the session memory-maps
+     every page-aligned tensor (580 mappings of the file; 0.04 GB file-backed and 0.17 GB anonymous
+     resident after load for 0.35 GB of weights), as long as constant folding and NCHWc do not copy them.
 
 fp16 (`dtype="float16"`): the initializer is fp16 and a Cast to fp32 feeds its readers, so every
 computation stays fp32 on weights rounded once to fp16. Two things would undo the halving:
   - ORT's constant folding turns Cast(constant initializer) into an fp32 initializer at session creation.
     The forward Cast has only the initializer as input, so the session must run with constant folding
-    off (`bundle.training_session("float16")`, applied by both clients).
+    off (`bundle.training_session()`, applied by both clients).
   - A Cast output read by both forward and backward nodes lives from the forward to the backward: all
     fp32 weights at once. So forward readers share one Cast per weight, and each backward reader gets its
     own Cast, gated on a backward tensor of that reader (Concat of the flat weight with an EMPTY slice of
