@@ -134,6 +134,10 @@ def test_kotlin_verifies_a_python_bundle_and_refuses_a_flipped_byte(kotlin, smal
     assert out["buffer_shape"] == manifest["plan"]["buffer_shape"]
     assert out["lr"] == manifest["hyper"]["lr"]
     assert out["rank"] == str(manifest["hyper"]["rank"]) and out["alpha"] == str(manifest["hyper"]["alpha"])
+    # format 2: the frozen-weights file (hash checked with the others) and the training session settings
+    assert out["frozen"] == {"file": fmt.FROZEN_WEIGHTS, "dtype": "float32",
+                             "sha256": store.sha256(small_bundle / fmt.FROZEN_WEIGHTS)}
+    assert out["training_session"] == fmt.training_session()
 
     copy = tmp_path / "bundle"
     shutil.copytree(small_bundle, copy)
@@ -150,9 +154,20 @@ def test_kotlin_verifies_a_python_bundle_and_refuses_a_flipped_byte(kotlin, smal
     err = kotlin("verify-bundle", bundle=missing, expect_error=True)
     assert "schedule.safetensors is missing" in err["error"] and "sha256" not in err["error"], err
     manifest_path = copy / fmt.MANIFEST
-    manifest_path.write_text(manifest_path.read_text().replace('"format_version": 1', '"format_version": 2'))
+    manifest_path.write_text(manifest_path.read_text().replace('"format_version": 2', '"format_version": 1'))
+    err = kotlin("verify-bundle", bundle=copy, expect_error=True)  # a format-1 bundle: rebuild it
+    assert "v1" in err["error"] and "hollow-export-bundle v2" in err["error"] and "rebuild" in err["error"]
+
+
+def test_kotlin_refuses_a_flipped_byte_in_the_frozen_weights(kotlin, small_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(small_bundle, copy)
+    target = copy / fmt.FROZEN_WEIGHTS
+    data = bytearray(target.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    target.write_bytes(bytes(data))
     err = kotlin("verify-bundle", bundle=copy, expect_error=True)
-    assert "v2" in err["error"] and "hollow-export-bundle v1" in err["error"]
+    assert "frozen_weights.bin fails its sha256" in err["error"]
 
 
 # ---------------------------------------------------------------- buffers
@@ -329,6 +344,17 @@ def test_lora_export_matches_python(kotlin, small_bundle, buffers, tmp_path):
         assert bool((kt_tensors[name] == value).all()), name
     # trained: the LoRA B matrices moved away from their zero init
     assert any(float(v.abs().sum()) > 0 for k, v in kt_tensors.items() if "lora_B" in k)
+
+    # the run's checkpoint is LoRA-only (format 2): Kotlin reads every LoRA tensor value for value as ORT
+    # holds it, and finds no frozen parameter in it
+    from onnxruntime.training.api import CheckpointState
+    checkpoint = run / dtrain.read_progress(run)["checkpoint"]
+    state = CheckpointState.load_checkpoint(str(checkpoint))
+    names = [item["name"] for item in fmt.open_bundle(small_bundle)["lora"]]
+    out = kotlin("checkpoint-params", checkpoint=checkpoint, names=",".join(names), out=tmp_path / "lora.bin")
+    assert out["trainable"] == len(names) and out["frozen"] == 0
+    np.testing.assert_array_equal(f32(tmp_path / "lora.bin"),
+                                  np.concatenate([np.asarray(state.parameters[n].data).reshape(-1) for n in names]))
 
     # tensors handed over by Python (not from a checkpoint) come out the same too
     kotlin("write-lora", bundle=small_bundle, tensors=py_out / dexport.LORA_EXPORT, checkpoint_name="given",

@@ -10,6 +10,7 @@ import org.hollowexport.core.HiddenPrecompute
 import org.hollowexport.core.LatentEncoder
 import org.hollowexport.core.TrainingBatch
 import org.hollowexport.core.TrainingEngine
+import org.hollowexport.core.TrainingSessionSettings
 import java.io.File
 import java.nio.FloatBuffer
 import java.nio.LongBuffer
@@ -20,9 +21,11 @@ import java.nio.LongBuffer
  *   OrtEnvironment.java      getEnvironment(); createSession(String modelPath, OrtSession.SessionOptions);
  *                            createTrainingSession(String checkpointPath, String trainPath, String evalPath,
  *                                                  String optimizerPath, OrtSession.SessionOptions)
+ *                            ("evalPath ... Null signifies there is no eval model")
  *   OrtSession.java          run(Map<String, ? extends OnnxTensorLike>) -> OrtSession.Result;
  *                            Result.get(String) -> Optional<OnnxValue>;
- *                            SessionOptions.setIntraOpNumThreads(int)
+ *                            SessionOptions.setIntraOpNumThreads(int), setCPUArenaAllocator(boolean),
+ *                            setMemoryPatternOptimization(boolean), addConfigEntry(String key, String value)
  *   OnnxTensor.java          createTensor(OrtEnvironment, FloatBuffer, long[]); createTensor(OrtEnvironment,
  *                            LongBuffer, long[]); getFloatBuffer()
  *   OrtTrainingSession.java  trainStep(Map<String, ? extends OnnxTensorLike>, Set<String> requestedOutputs);
@@ -37,6 +40,22 @@ private fun options(threads: Int): OrtSession.SessionOptions = OrtSession.Sessio
     // OrtSession.java, SessionOptions.setIntraOpNumThreads(int)
     setIntraOpNumThreads(threads)
 }
+
+/**
+ * The training session's options: the bundle's `training_session` settings (PROTOCOL.md section 5),
+ * the same the Python runtime applies (hollow_export/device/ort_session.py): CPU arena off, memory
+ * pattern as named, and the config entries (graph transformers ConstantFolding and NchwcTransformer
+ * off, so ORT neither copies nor re-lays the frozen weights and fp16 weights stay fp16 in memory).
+ */
+private fun trainingOptions(settings: TrainingSessionSettings, threads: Int): OrtSession.SessionOptions =
+        options(threads).apply {
+            setCPUArenaAllocator(settings.cpuArena)  // OrtSession.java, SessionOptions.setCPUArenaAllocator(boolean)
+            // OrtSession.java, SessionOptions.setMemoryPatternOptimization(boolean)
+            setMemoryPatternOptimization(settings.memPattern)
+            // OrtSession.java, SessionOptions.addConfigEntry(String, String): session-config entries, e.g.
+            // "optimization.disable_specified_optimizers" -> "ConstantFolding;NchwcTransformer"
+            for ((key, value) in settings.configEntries) addConfigEntry(key, value)
+        }
 
 private fun floats(value: Any?, name: String): FloatArray {
     val tensor = value as? OnnxTensor ?: throw IllegalStateException("output $name is not a tensor")
@@ -102,15 +121,19 @@ class OrtPrecompute(private val env: OrtEnvironment, bundle: Bundle, threads: In
 
 /**
  * The ORT training artifacts as a core TrainingEngine. `checkpoint` is the bundle's initial
- * checkpoint or the run folder's latest (RunFolder.start decides, after checking its hash).
+ * checkpoint or the run folder's latest (RunFolder.start decides, after checking its hash): LoRA and
+ * optimizer state only (bundle format 2); the frozen weights come from frozen_weights.bin, which the
+ * training graph names as its external initializers and which is never written.
  */
 class OrtTraining(private val env: OrtEnvironment, bundle: Bundle, checkpoint: File, threads: Int) :
         TrainingEngine, AutoCloseable {
-    private val opts = options(threads)
+    private val opts = trainingOptions(bundle.trainingSession, threads)
     // OrtEnvironment.java, createTrainingSession(checkpointPath, trainPath, evalPath, optimizerPath, options):
-    // loads parameters and optimizer state from the checkpoint.
+    // loads LoRA and optimizer state from the checkpoint. No eval model unless the bundle asks for one:
+    // an eval session would hold a second copy of every frozen weight.
     private val session: OrtTrainingSession = env.createTrainingSession(checkpoint.path,
-            bundle.file(BundleFiles.TRAINING_MODEL).path, bundle.file(BundleFiles.EVAL_MODEL).path,
+            bundle.file(BundleFiles.TRAINING_MODEL).path,
+            if (bundle.trainingSession.evalSession) bundle.file(BundleFiles.EVAL_MODEL).path else null,
             bundle.file(BundleFiles.OPTIMIZER_MODEL).path, opts)
 
     override fun setLearningRate(lr: Float) {

@@ -6,7 +6,7 @@ import java.io.File
 /** The file names both clients agree on (hollow_export/bundle.py). */
 object BundleFiles {
     const val FORMAT = "hollow-export-bundle"
-    const val FORMAT_VERSION = 1
+    const val FORMAT_VERSION = 2
     const val MANIFEST = "manifest.json"
     const val VAE_ENCODER = "vae_encoder.onnx"
     const val PRECOMPUTE = "precompute.onnx"
@@ -14,6 +14,7 @@ object BundleFiles {
     const val EVAL_MODEL = "eval_model.onnx"
     const val OPTIMIZER_MODEL = "optimizer_model.onnx"
     const val CHECKPOINT = "checkpoint"
+    const val FROZEN_WEIGHTS = "frozen_weights.bin"
     const val PROMPTS = "prompts.safetensors"
     const val SCHEDULE = "schedule.safetensors"
 }
@@ -36,6 +37,21 @@ class Hyper(
 class LoraEntry(val name: String, val unetName: String, val shape: IntArray)
 
 class BundleFile(val name: String, val sha256: String, val bytes: Long)
+
+/**
+ * The `frozen` block (format 2): the kept base weights, stored once in `file` ("float32" or "float16"),
+ * external initializers of the training and eval graphs; `file` null: an ablation build that left them
+ * in the checkpoint. Its sha256 is checked with every other file by `Bundle.verify`.
+ */
+class FrozenWeights(val file: String?, val dtype: String, val sha256: String?, val bytes: Long)
+
+/**
+ * The `training_session` block: the ORT session settings of the training session, applied by the app
+ * (OrtEngines.kt) as the Python runtime applies them (device/ort_session.py). `configEntries` are
+ * session-config entries (`SessionOptions.addConfigEntry`); `evalSession` false: no eval graph is loaded.
+ */
+class TrainingSessionSettings(val cpuArena: Boolean, val memPattern: Boolean, val configEntries: Map<String, String>,
+                              val evalSession: Boolean)
 
 /**
  * A bundle folder after the checks of PROTOCOL.md section 1: format and version, and (with
@@ -79,6 +95,26 @@ class Bundle private constructor(val dir: File, val json: JsonObject, val id: St
                   Json.ints(o, "shape", "$where lora"))
     }
 
+    val frozen: FrozenWeights = Json.obj(json, "frozen", where).let { f ->
+        val w = "$where frozen"
+        val name = Json.optStr(f, "file")
+        val dtype = Json.str(f, "dtype", w)
+        if (dtype != "float32" && dtype != "float16") throw BundleException("$w: dtype $dtype is not float32 or float16")
+        if (name != null && files.none { it.name == name && it.sha256 == Json.str(f, "sha256", w) }) {
+            throw BundleException("$w names $name, which the manifest's files do not list with that sha256")
+        }
+        FrozenWeights(name, dtype, Json.optStr(f, "sha256"), Json.long(f, "bytes", w))
+    }
+
+    val trainingSession: TrainingSessionSettings = Json.obj(json, "training_session", where).let { t ->
+        val w = "$where training_session"
+        fun flag(key: String): Boolean = t.get(key)?.takeIf { it.isJsonPrimitive && it.asJsonPrimitive.isBoolean }
+                ?.asBoolean ?: throw BundleException("$w lacks the boolean $key")
+        TrainingSessionSettings(flag("enable_cpu_mem_arena"), flag("enable_mem_pattern"),
+                Json.obj(t, "config_entries", w).entrySet().associate { (k, v) -> k to v.asString },
+                flag("eval_session"))
+    }
+
     /** The `memory` block (parameter bytes of each part, buffer bytes per sample). */
     val memory: Map<String, Long> = if (json.has("memory")) {
         json.getAsJsonObject("memory").entrySet().associate { (k, v) -> k to v.asLong }
@@ -110,7 +146,8 @@ class Bundle private constructor(val dir: File, val json: JsonObject, val id: St
             val numeric = versionValue != null && versionValue.isJsonPrimitive && versionValue.asJsonPrimitive.isNumber
             if (format != BundleFiles.FORMAT || !numeric || version != BundleFiles.FORMAT_VERSION.toString()) {
                 throw BundleException("$dir has format $format v$version; this app reads ${BundleFiles.FORMAT} " +
-                        "v${BundleFiles.FORMAT_VERSION}: rebuild it with a matching version of hollow-export")
+                        "v${BundleFiles.FORMAT_VERSION} (frozen weights out of the checkpoint): rebuild it with " +
+                        "`hollow-export build`")
             }
             val bundle = try {
                 Bundle(dir, json, Hashes.sha256(bytes))

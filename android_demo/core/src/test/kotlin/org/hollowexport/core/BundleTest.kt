@@ -31,6 +31,14 @@ class BundleTest {
         assertEquals("a.lora_A.weight", b.lora[0].unetName)
         assertEquals(1000L + 24 + 24 + 48, MemoryFloor(b.memory).training)
         assertEquals(400L, MemoryFloor(b.memory).collection)
+        assertEquals("frozen_weights.bin", b.frozen.file)
+        assertEquals("float16", b.frozen.dtype)
+        assertEquals(Hashes.sha256(File(dir, "frozen_weights.bin")), b.frozen.sha256)
+        assertEquals(false, b.trainingSession.cpuArena)
+        assertEquals(true, b.trainingSession.memPattern)
+        assertEquals(false, b.trainingSession.evalSession)
+        assertEquals(mapOf("optimization.disable_specified_optimizers" to "ConstantFolding;NchwcTransformer"),
+                b.trainingSession.configEntries)
     }
 
     @Test
@@ -52,15 +60,30 @@ class BundleTest {
     }
 
     @Test
+    fun refusesATamperedFrozenWeightsFile() {
+        val dir = TestBundles.tempDir("bundle")
+        TestBundles.make(dir)
+        RandomAccessFile(File(dir, "frozen_weights.bin"), "rw").use { raf ->
+            raf.seek(10)
+            raf.write(raf.read() xor 0x40)
+        }
+        refused("frozen_weights.bin fails its sha256") { Bundle.open(dir) }
+        val manifest = File(dir, "manifest.json")
+        manifest.writeText(manifest.readText().replace("\"file\": \"frozen_weights.bin\"", "\"file\": \"other.bin\""))
+        refused("frozen names other.bin") { Bundle.open(dir, verify = false) }
+    }
+
+    @Test
     fun refusesOtherFormatsAndVersions() {
         val dir = TestBundles.tempDir("bundle")
         TestBundles.make(dir)
         val manifest = File(dir, "manifest.json")
         val text = manifest.readText()
-        manifest.writeText(text.replace("\"format_version\": 1", "\"format_version\": 2"))
-        refused("v2") { Bundle.open(dir) }
-        manifest.writeText(text.replace("\"format_version\": 1", "\"format_version\": \"1\""))
-        refused("this app reads hollow-export-bundle v1") { Bundle.open(dir) }
+        manifest.writeText(text.replace("\"format_version\": 2", "\"format_version\": 1"))
+        refused("v1; this app reads hollow-export-bundle v2") { Bundle.open(dir) }  // a format-1 bundle
+        refused("rebuild it with `hollow-export build`") { Bundle.open(dir) }
+        manifest.writeText(text.replace("\"format_version\": 2", "\"format_version\": \"2\""))
+        refused("this app reads hollow-export-bundle v2") { Bundle.open(dir) }
         manifest.writeText(text.replace("hollow-export-bundle", "something-else"))
         refused("something-else") { Bundle.open(dir) }
         manifest.writeText("{not json")

@@ -20,13 +20,15 @@ object TestBundles {
                 "instance" to FloatTensor(intArrayOf(1, 2, 3), floatArrayOf(1f, 2f, 3f, 4f, 5f, 6f)),
                 "class" to FloatTensor(intArrayOf(1, 2, 3), floatArrayOf(-1f, -2f, -3f, -4f, -5f, -6f))), emptyMap())
         File(dir, BundleFiles.CHECKPOINT).writeBytes(ByteArray(100) { it.toByte() })
+        File(dir, BundleFiles.FROZEN_WEIGHTS).writeBytes(ByteArray(64) { (3 * it).toByte() })
         val files = LinkedHashMap<String, Any?>()
-        for (name in listOf(BundleFiles.CHECKPOINT, BundleFiles.PROMPTS, BundleFiles.SCHEDULE)) {
+        for (name in listOf(BundleFiles.CHECKPOINT, BundleFiles.FROZEN_WEIGHTS, BundleFiles.PROMPTS,
+                BundleFiles.SCHEDULE)) {
             val f = File(dir, name)
             files[name] = linkedMapOf("sha256" to Hashes.sha256(f), "bytes" to f.length())
         }
         val manifest = linkedMapOf<String, Any?>(
-                "format" to "hollow-export-bundle", "format_version" to 1,
+                "format" to "hollow-export-bundle", "format_version" to 2,
                 "model" to linkedMapOf("source" to "test"),
                 "plan" to linkedMapOf("latent_shape" to intArrayOf(4, 2, 2), "buffer_shape" to intArrayOf(3, 2),
                         "encoder_shape" to intArrayOf(2, 3), "resolution" to 16),
@@ -37,6 +39,12 @@ object TestBundles {
                 "hyper" to linkedMapOf("lr" to 0.001, "seed" to seed, "batch_size" to batchSize, "steps" to 20,
                         "samples" to 6, "rank" to 2, "alpha" to Json.Raw("2.0"), "prediction_type" to predictionType,
                         "num_train_timesteps" to 10, "resolution" to 16),
+                "frozen" to linkedMapOf("file" to BundleFiles.FROZEN_WEIGHTS, "dtype" to "float16",
+                        "sha256" to Hashes.sha256(File(dir, BundleFiles.FROZEN_WEIGHTS)), "bytes" to 64),
+                "training_session" to linkedMapOf("enable_cpu_mem_arena" to false, "enable_mem_pattern" to true,
+                        "config_entries" to linkedMapOf(
+                                "optimization.disable_specified_optimizers" to "ConstantFolding;NchwcTransformer"),
+                        "eval_session" to false),
                 "memory" to linkedMapOf("precompute_param_bytes" to 400, "hollowed_base_param_bytes" to 1000,
                         "lora_param_bytes" to 24, "optimizer_state_bytes" to 48, "vae_encoder_param_bytes" to 100))
         File(dir, BundleFiles.MANIFEST).writeText(Json.pretty(manifest) + "\n")

@@ -85,7 +85,12 @@ object ProtocolTool {
         return linkedMapOf("ok" to true, "id" to b.id, "files" to b.files.size, "lora" to b.lora.size,
                 "latent_shape" to b.latentShape, "buffer_shape" to b.bufferShape, "lr" to b.hyper.lr,
                 "rank" to b.hyper.rankText, "alpha" to b.hyper.alphaText,
-                "training_floor" to MemoryFloor(b.memory).training)
+                "training_floor" to MemoryFloor(b.memory).training,
+                "frozen" to linkedMapOf("file" to b.frozen.file, "dtype" to b.frozen.dtype, "sha256" to b.frozen.sha256),
+                "training_session" to linkedMapOf("enable_cpu_mem_arena" to b.trainingSession.cpuArena,
+                        "enable_mem_pattern" to b.trainingSession.memPattern,
+                        "config_entries" to b.trainingSession.configEntries,
+                        "eval_session" to b.trainingSession.evalSession))
     }
 
     private fun floatsOut(file: File, arrays: List<FloatArray>) {
