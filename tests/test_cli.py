@@ -303,6 +303,8 @@ def readonly(tmp_path_factory, small_bundle, photo_dir):
     home.mkdir()
     from hollow_export.device.collect import collect
     collect(base / "bundle", base / "photos", base / "buffer.bin", samples=2, progress=False)
+    from hollow_export.device.train import TrainConfig, train
+    train(base / "bundle", base / "buffer.bin", base / "run", TrainConfig(steps=1, progress=False))  # for export
     ro = base / "ro"
     ro.mkdir()
     for path in [base, *base.rglob("*")]:
@@ -325,7 +327,7 @@ WRITING_COMMANDS = {
     "demo-photos": "demo-photos --out ro/photos",
     "device collect": "device collect --bundle bundle --images photos --samples 2 --buffer ro/buffer.bin",
     "device train": "device train --bundle bundle --buffer buffer.bin --run ro/run --steps 1",
-    "device export": "device export --bundle bundle --checkpoint bundle/checkpoint --out ro/lora",
+    "device export": "device export --bundle bundle --checkpoint run --out ro/lora",
 }
 
 

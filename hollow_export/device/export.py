@@ -11,9 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import json
-import struct
-
 import numpy as np
 
 from .. import store
@@ -51,24 +48,6 @@ def resolve_checkpoint(path: Path, bundle_id: str) -> Path:
     return verified_checkpoint(run, progress)
 
 
-def canonical_metadata(path: Path) -> None:
-    """Rewrite a safetensors header in place with `__metadata__`'s keys sorted (same length).
-
-    safetensors keeps the metadata in a hash map, so its key order, and the file's bytes, change from
-    one process to the next; the tensor entries are already in a fixed order.
-    """
-    with open(path, "rb+") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(size)
-        header = json.loads(raw)
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(body) > size:  # cannot happen for the same keys and values; never write a broken file
-            raise RuntimeFault(f"cannot canonicalise {path}'s header")
-        f.seek(8)
-        f.write(body + b" " * (size - len(body)))  # safetensors pads its header with spaces
-
-
 def export_lora(bundle_dir: Path, checkpoint: Path, out: Path) -> dict:
     """LoRA tensors from a checkpoint, under full-U-Net names, as the small file the phone sends back."""
     from safetensors.numpy import save_file
@@ -95,7 +74,7 @@ def export_lora(bundle_dir: Path, checkpoint: Path, out: Path) -> dict:
     out = Path(out)
     with store.atomic_path(out / LORA_EXPORT) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        canonical_metadata(tmp)
+        store.canonical_safetensors(tmp)
     record = {**metadata, "file": LORA_EXPORT, "sha256": store.sha256(out / LORA_EXPORT),
               "tensors": len(tensors), "checkpoint": checkpoint.name}
     store.write_json(out / LORA_RECORD, record)
