@@ -179,8 +179,10 @@ def _from_pretrained(cls, folder: Path, variant: str | None, **kwargs):
 
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars would bury the tool's output
     try:
-        return cls.from_pretrained(folder, local_files_only=True, variant=variant, torch_dtype=torch.float32,
-                                   **kwargs)
+        loaded = cls.from_pretrained(folder, local_files_only=True, variant=variant, **kwargs)
+        # fp32 after loading (an fp16 variant is upcast): passing torch_dtype would reach transformers'
+        # CLIPTextModel, which warns that the name is deprecated
+        return loaded.to(dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{folder} could not be loaded: {first}") from err
