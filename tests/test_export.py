@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
 from hollow_export import bundle as fmt
+from hollow_export import store
 from hollow_export.hollow import lora
 from hollow_export.hollow.plan import LoraSpec, make_plan
 from hollow_export.cli import main
@@ -149,7 +150,8 @@ def test_ort_eval_loss_equals_full_unet_diffusers_loss(built):
 
 def test_manifest_describes_every_file_and_graph(built):
     out, manifest, plan, fresh = built
-    files = {p.name for p in out.iterdir()} - {fmt.MANIFEST}
+    # store.atomic_dir's output record sits beside the bundle's files; it is not one of them
+    files = {p.name for p in out.iterdir()} - {fmt.MANIFEST, store.OUTPUT_MARKER}
     assert set(manifest["files"]) == files
     assert {fmt.VAE_ENCODER, fmt.PRECOMPUTE, fmt.TRAINING_MODEL, fmt.EVAL_MODEL, fmt.OPTIMIZER_MODEL,
             fmt.CHECKPOINT, fmt.FROZEN_WEIGHTS, fmt.PROMPTS, fmt.SCHEDULE} <= files
