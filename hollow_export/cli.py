@@ -299,7 +299,8 @@ def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, 
 @click.option("--fraction", type=float, default=0.4, show_default=True)
 @click.option("--depth", type=int, default=None)
 @click.option("--steps", type=int, default=5, show_default=True, help="ORT steps per engine (first is warm-up).")
-@click.option("--engines", default="hollowed,lora,inference", show_default=True)
+@click.option("--rows", "--engines", "engines", default="hollowed,lora,inference", show_default=True,
+              help="Rows (bench/ort.py ROWS), or 'ablation': every engine lever alone and together.")
 @click.option("--threads", type=int, default=None)
 @click.option("--timeout", type=float, default=None, help="Seconds per build/measure process.")
 @click.option("--workdir", type=click.Path(), default=None, help="Where the temporary bundles go.")
