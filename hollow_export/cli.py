@@ -304,13 +304,14 @@ def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, 
 @click.option("--threads", type=int, default=None)
 @click.option("--timeout", type=float, default=None, help="Seconds per build/measure process.")
 @click.option("--workdir", type=click.Path(), default=None, help="Where the temporary bundles go.")
+@click.option("--merge", is_flag=True, help="Add these rows to the result already in --out (same settings).")
 @click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
-def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, timeout, workdir, out):
+def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, timeout, workdir, merge, out):
     """ORT training of the Hollowed Net bundle vs a plain-LoRA bundle vs ORT inference, side by side."""
     from .bench.ort import ort_bench, ort_text
     result = ort_bench(arch=arch, resolution=resolution, rank=rank, fraction=fraction, depth=depth,
                        steps=steps, threads=threads, out=Path(out), workdir=workdir, timeout=timeout,
-                       kinds=tuple(_names(engines) or ()))
+                       kinds=tuple(_names(engines) or ()), merge=merge)
     _bench_done(result, ort_text)
 
 

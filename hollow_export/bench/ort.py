@@ -12,6 +12,7 @@ Out: `ort_bench(...)` -> a result (one row per name: build time and peak, bundle
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import store
 from ..rss import max_rss_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .cases import TOKENS, BenchError, bench_plan
 from .measure import GB, default_threads, run_child, settings_block
@@ -264,8 +266,12 @@ def _check_rows(rows) -> tuple:
 def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128, fraction: float | None = 0.4,
               depth: int | None = None, steps: int = 5, threads: int | None = None, out: Path | None = None,
               workdir: Path | None = None, timeout: float | None = None, kinds: tuple = DEFAULT_ROWS,
-              log=print) -> dict:
-    """Measure the rows `kinds` (names from `ROWS`; `ABLATION` is the lever ablation), each in a fresh process."""
+              merge: bool = False, log=print) -> dict:
+    """Measure the rows `kinds` (names from `ROWS`; `ABLATION` is the lever ablation), each in a fresh process.
+
+    `merge=True` adds these rows to the result already in `out` for the same settings (rows measured
+    again replace the old ones; differences are only taken against a baseline measured in the same run).
+    """
     if steps < 2:
         raise BenchError("--steps must be at least 2 (the first run is a warm-up, not timed in the median)")
     names = _check_rows(ABLATION if tuple(kinds) == ("ablation",) else kinds)
@@ -283,6 +289,9 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
                               batch=1, tokens=TOKENS, steps=steps, threads=threads, unet_params=plan.unet_params,
                               kept_params=plan.kept_params, lora_params_hollowed=plan.lora_params)
     order = sorted(names, key=lambda n: [ROWS[m].build_key() for m in names].index(ROWS[n].build_key()))
+    stem = f"ort_{arch}_{plan.resolution}px_r{rank}_k{plan.depth}" + (
+        "" if set(names) <= set(DEFAULT_ROWS) else "_ablation")
+    old = _merge_source(Path(out) / f"{stem}.json", settings) if merge and out is not None else None
     measured = {}
     with tempfile.TemporaryDirectory(prefix="hollow-ort-", dir=workdir) as tmp:
         builds, dumps = {}, {}
@@ -322,13 +331,22 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
                     log(f"[{name}] peak RSS {got['peak_rss_bytes'] / GB:.3f} GB (steps "
                         f"{_fmt_bytes(got['step_peak_rss_bytes'])}), median step {got['median_step_seconds']:.3f} s")
             measured[name] = row
+            if out is not None:  # what is measured so far survives an interrupted run
+                store.write_json(Path(out) / f"{stem}.partial.json", {"kind": "ort", "partial": True,
+                                                                     "settings": settings,
+                                                                     "rows": list(measured.values())})
         for name, row in measured.items():
             ref = measured.get(row["baseline"] or "")
             if ref is not None and "error" not in row and "error" not in ref:
                 row["loss_rel_diff"] = loss_diff(row, ref)
                 row.update(compare(dumps[name], dumps[ref["name"]]))
     rows = [measured[n] for n in names]
-    result = {"kind": "ort", "settings": settings, "rows": rows, "ratios": ratios(measured),
+    if old is not None:
+        kept = [r for r in old["rows"] if r["name"] not in measured]
+        rows = sorted(kept + rows, key=lambda r: list(ROWS).index(r["name"]))
+        settings["merged_from"] = old["settings"].get("merged_from", []) + [old["settings"]["date"]]
+        log(f"merged with {len(kept)} row(s) measured on {old['settings']['date']}")
+    result = {"kind": "ort", "settings": settings, "rows": rows, "ratios": ratios({r["name"]: r for r in rows}),
               "method": "each distinct folder built once in its own subprocess (export.build.build with the row's "
                         "BuildSettings levers / export.lora_baseline.plain_lora_artifacts / "
                         "export.onnx.export_inference); every row then measured in a fresh torch-free subprocess "
@@ -340,9 +358,25 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
                         "update = LoRA after the steps minus the checkpoint's, compared with the baseline row's; "
                         "bundle bytes = every file of the folder, checkpoint bytes = checkpoint (+ .data)"}
     if out is not None:
-        stem = f"ort_{arch}_{plan.resolution}px_r{rank}_k{plan.depth}"
-        write_outputs(result, Path(out), stem + ("_ablation" if names == ABLATION else ""), plot_ort)
+        write_outputs(result, Path(out), stem, plot_ort)
+        (Path(out) / f"{stem}.partial.json").unlink(missing_ok=True)
     return result
+
+
+MERGE_KEYS = ("arch", "resolution", "rank", "depth", "steps", "threads", "onnxruntime")
+
+
+def _merge_source(path: Path, settings: dict) -> dict | None:
+    """The earlier result at `path` to merge into, if any; refused when measured with other settings."""
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    before = old["settings"]
+    if not all(before.get(k) == settings[k] for k in MERGE_KEYS):
+        raise BenchError(f"--merge: {path} was measured with other settings "
+                         f"({', '.join(f'{k}={before.get(k)}' for k in MERGE_KEYS)}); "
+                         "drop --merge or pick another --out")
+    return old
 
 
 def _peak(row):
