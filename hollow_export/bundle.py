@@ -3,8 +3,15 @@
 In:  a bundle folder.
 Out: a `Bundle` (`Bundle.from_pretrained(folder)`): its manifest, after checking the format
      version and every file's size and sha256, its id (the manifest's sha256), its prompt
-     embeddings and noise schedule as numpy arrays; and the file and input names both clients
-     agree on. `make_manifest` + `Bundle.save_pretrained` write a manifest (the build does).
+     embeddings and noise schedule as numpy arrays, where its frozen weights live and how to open
+     its training session; and the file and input names both clients agree on. `make_manifest` +
+     `Bundle.save_pretrained` write a manifest (the build does).
+
+Format 2 (issue 13): the kept base weights live once in `frozen_weights.bin` (fp32 or fp16, named
+with its dtype and sha256 under `frozen`), referenced by the training and eval graphs as external
+initializers; the checkpoint holds LoRA (and, once trained, its optimizer state) only; `training_session`
+names the ORT session settings both clients use. Format 1 bundles (frozen weights in the checkpoint)
+are refused with a message saying to rebuild.
 Torch-free on purpose: the device runtime (`device/`), `merge.py` and the benchmarks read it, and
 the Kotlin core's `Bundle` is its twin. android_demo/PROTOCOL.md describes it in prose.
 """
@@ -21,7 +28,7 @@ from . import store
 from .errors import HollowError
 
 FORMAT = "hollow-export-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 VAE_ENCODER = "vae_encoder.onnx"
 PRECOMPUTE = "precompute.onnx"
@@ -29,10 +36,34 @@ TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
 OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
+FROZEN_WEIGHTS = "frozen_weights.bin"  # format 2: the kept base weights, once
 PROMPTS = "prompts.safetensors"
 SCHEDULE = "schedule.safetensors"
 PRECOMPUTE_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 TRAIN_INPUTS = ("sample", "timestep", "encoder_hidden_states", "hidden", "target")
+FROZEN_DTYPES = ("float32", "float16")
+# ORT session-config key (onnxruntime_session_options_config_keys.h, in 1.19.2): graph transformers to skip
+DISABLE_OPTIMIZERS = "optimization.disable_specified_optimizers"
+
+
+def training_session() -> dict:
+    """The ORT session settings of the training Module, named in the manifest; both clients apply them.
+
+    Measured on ORT 1.19.2 CPU (issue 13, mid 256 px r=128, whole fp32 lever bundle, step peak RSS):
+    - CPU arena off: the arena keeps every freed step buffer, so the peak grows by the largest transient
+      set; off, they go back to malloc (baseline bundle 1.72 -> 1.21 GB; memory pattern off measured the
+      same, arena off is kept).
+    - the graph transformers ConstantFolding and NchwcTransformer off: with the frozen weights as
+      initializers (format 2) instead of checkpoint-fed inputs, constant folding copies every weight it can
+      fold (e.g. a transposed copy) and NCHWc re-lays every conv weight and wraps convs in reorder nodes;
+      held memory 0.82 -> 0.30 GB and step peak 1.29 -> 0.95 GB with both off (0.51 / 1.15 with folding off
+      alone; session.disable_prepacking made it worse, 1.33). With checkpoint-fed weights neither transformer
+      could touch them, so this is the session the earlier bundles ran. fp16 frozen weights need folding off
+      anyway, or each Cast(fp16 initializer) is folded into an fp32 copy when the session is created.
+    - no eval session unless evaluation is asked for (it holds its own copy of the weights).
+    """
+    return {"enable_cpu_mem_arena": False, "enable_mem_pattern": True,
+            "config_entries": {DISABLE_OPTIMIZERS: "ConstantFolding;NchwcTransformer"}, "eval_session": False}
 
 
 class BundleError(HollowError):
@@ -57,8 +88,11 @@ def _graph_io(path: Path, skip: set[str]) -> dict:
 
 
 def make_manifest(folder: Path, identity: dict, plan: dict, prompts: dict, lora: list[dict], frozen_params: int,
-                  hyper: dict, memory: dict) -> dict:
-    """Describe every file in `folder` (sha256, size) and every graph's user-facing inputs and outputs."""
+                  hyper: dict, memory: dict, frozen_dtype: str = "float32") -> dict:
+    """Describe every file in `folder` (sha256, size), every graph's user-facing inputs and outputs,
+    the frozen-weights file (None when an ablation build left them in the checkpoint) and the session."""
+    if frozen_dtype not in FROZEN_DTYPES:
+        raise BundleError(f"frozen dtype must be one of {', '.join(FROZEN_DTYPES)} (got {frozen_dtype!r})")
     folder = Path(folder)
     params = {item["name"] for item in lora}
     files = {}
@@ -81,6 +115,10 @@ def make_manifest(folder: Path, identity: dict, plan: dict, prompts: dict, lora:
         "graphs": graphs,
         "lora": lora,
         "frozen_param_count": frozen_params,
+        "frozen": {"file": FROZEN_WEIGHTS, "dtype": frozen_dtype, "sha256": files[FROZEN_WEIGHTS]["sha256"],
+                   "bytes": files[FROZEN_WEIGHTS]["bytes"]} if FROZEN_WEIGHTS in files
+        else {"file": None, "dtype": "float32", "sha256": None, "bytes": 0},
+        "training_session": training_session(),
         "hyper": hyper,
         "memory": memory,
     }
@@ -107,7 +145,14 @@ def open_bundle(folder: Path, verify: bool = True) -> dict:
         raise BundleError(f"{path} is not valid JSON ({err}); rebuild the bundle") from err
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{folder} has format {manifest.get('format')} v{manifest.get('format_version')}; this "
-                          f"tool reads {FORMAT} v{FORMAT_VERSION}: rebuild it with this version of hollow-export")
+                          f"tool reads {FORMAT} v{FORMAT_VERSION} (frozen weights out of the checkpoint): rebuild "
+                          f"it with `hollow-export build`")
+    frozen = manifest.get("frozen")
+    if not isinstance(frozen, dict) or frozen.get("dtype") not in FROZEN_DTYPES or (
+            frozen.get("file") is not None
+            and manifest["files"].get(frozen["file"], {}).get("sha256") != frozen.get("sha256")):
+        raise BundleError(f"{path} names no valid frozen-weights file (its `frozen` entry must be a listed file "
+                          "with its sha256); rebuild the bundle with `hollow-export build`")
     if verify:
         for name, info in manifest["files"].items():
             file = folder / name
@@ -149,6 +194,16 @@ class Bundle:
     @property
     def hyper(self) -> dict:
         return self.manifest["hyper"]
+
+    @property
+    def frozen(self) -> dict:
+        """{file, dtype, sha256, bytes} of the frozen weights (file None: they are in the checkpoint)."""
+        return self.manifest["frozen"]
+
+    @property
+    def training_session(self) -> dict:
+        """The ORT settings of the training session (`training_session`), as the manifest names them."""
+        return self.manifest["training_session"]
 
     def prompt_embeddings(self) -> dict[str, np.ndarray]:
         """`instance` and `class` prompt embeddings, [1, 77, D] float32."""

@@ -166,13 +166,16 @@ def evaluate(generated, reference, prompts, clip_path, dino_path, out):
 @click.option("--steps", type=int, default=1000, show_default=True, help="Default training steps for the phone.")
 @click.option("--samples", type=int, default=200, show_default=True, help="Default buffered samples.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--frozen-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Storage of the frozen base weights in the bundle (fp16: half the bytes, computed in fp32).")
 @click.option("--out", type=click.Path(), default="runs/bundle", show_default=True)
 def build(model, arch, fraction, depth, rank, alpha, targets, blocks, resolution, instance_prompt, class_prompt,
-          lr, beta1, beta2, eps, weight_decay, steps, samples, seed, out):
+          lr, beta1, beta2, eps, weight_decay, steps, samples, seed, frozen_dtype, out):
     """Write the on-device bundle: precompute graph, ORT training artifacts, manifest."""
     from .export.build import BuildSettings, build_bundle
+    dtype = {"fp32": "float32", "fp16": "float16"}[frozen_dtype]
     settings = BuildSettings(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, steps=steps,
-                             samples=samples, seed=seed)
+                             samples=samples, seed=seed, frozen_dtype=dtype)
     manifest, p = build_bundle(Path(out), instance_prompt, class_prompt, settings, model, arch,
                                **plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution))
     size = sum(f["bytes"] for f in manifest["files"].values())

@@ -153,7 +153,16 @@ def test_manifest_describes_every_file_and_graph(built):
     files = {p.name for p in out.iterdir()} - {fmt.MANIFEST}
     assert set(manifest["files"]) == files
     assert {fmt.VAE_ENCODER, fmt.PRECOMPUTE, fmt.TRAINING_MODEL, fmt.EVAL_MODEL, fmt.OPTIMIZER_MODEL,
-            fmt.CHECKPOINT, fmt.PROMPTS, fmt.SCHEDULE} <= files
+            fmt.CHECKPOINT, fmt.FROZEN_WEIGHTS, fmt.PROMPTS, fmt.SCHEDULE} <= files
+    import hashlib
+    frozen = (out / fmt.FROZEN_WEIGHTS).read_bytes()
+    assert manifest["format_version"] == 2
+    assert manifest["frozen"] == {"file": fmt.FROZEN_WEIGHTS, "dtype": "float32", "bytes": len(frozen),
+                                  "sha256": hashlib.sha256(frozen).hexdigest()}
+    # checkpoint: LoRA only (its parameters are exactly the manifest's LoRA tensors, all trainable)
+    state = CheckpointState.load_checkpoint(str(out / fmt.CHECKPOINT))
+    assert sorted(n for n, _ in state.parameters) == sorted(item["name"] for item in manifest["lora"])
+    assert all(p.requires_grad for _, p in state.parameters)
     train_inputs = [i["name"] for i in manifest["graphs"][fmt.TRAINING_MODEL]["inputs"]]
     assert train_inputs == list(fmt.TRAIN_INPUTS)
     assert manifest["graphs"][fmt.PRECOMPUTE]["outputs"][0]["shape"][1:] == plan.buffer_shape
@@ -181,6 +190,22 @@ def test_tampered_bundle_is_refused_naming_the_file(built, tmp_path):
     (out / fmt.CHECKPOINT).unlink()
     with pytest.raises(fmt.BundleError, match="checkpoint"):
         fmt.open_bundle(out)
+
+
+def test_format_1_bundle_is_refused_with_rebuild(built, tmp_path):
+    import json
+    import shutil
+    out = tmp_path / "v1"
+    shutil.copytree(built[0], out)
+    manifest = json.loads((out / fmt.MANIFEST).read_text())
+    manifest["format_version"] = 1  # what a build before the frozen-weights file wrote
+    del manifest["frozen"]
+    (out / fmt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(fmt.BundleError, match="v1.*rebuild it with `hollow-export build`"):
+        fmt.open_bundle(out)
+    res = CliRunner().invoke(main, ["device", "export", "--bundle", str(out), "--checkpoint",
+                                    str(out / fmt.CHECKPOINT), "--out", str(tmp_path / "lora")])
+    assert res.exit_code == 1 and "rebuild" in res.output and not (tmp_path / "lora").exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

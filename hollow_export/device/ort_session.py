@@ -1,9 +1,15 @@
-"""ONNX Runtime sessions without torch: the one inference-session factory and the training API.
+"""ONNX Runtime sessions without torch: the one session-options factory, inference sessions, the training API.
 
-In:  an ONNX graph path (and optionally a thread count).
-Out: `inference_session(path)` -> an `onnxruntime.InferenceSession` on the CPU provider, quiet;
-     `training_api()` -> `onnxruntime.training.api` entered without its PyTorch front-ends.
-Every ORT session of the project (device collect, the ORT inference engine, `bench ort`) is made here.
+In:  an ONNX graph path (and optionally a thread count); for training, a bundle.
+Out: `session_options(...)` -> the one `onnxruntime.SessionOptions` factory (quiet, CPU arena,
+     memory pattern, config entries); `inference_session(path)` -> an `onnxruntime.InferenceSession`
+     on the CPU provider; `training_module(bundle, state)` -> (Module, Optimizer) opened with the
+     bundle's `training_session` settings (bundle.py: CPU arena off, ConstantFolding and
+     NchwcTransformer off, no eval session unless asked); `training_options(settings)` -> those
+     settings as SessionOptions (for graphs without a manifest, e.g. the bench's plain-LoRA
+     baseline: `training_options(bundle.training_session())`); `training_api()` -> `onnxruntime.training.api` entered
+     without its PyTorch front-ends.
+Every ORT session of the project (device collect/train, the ORT inference engine, `bench ort`) is made here.
 """
 
 from __future__ import annotations
@@ -33,15 +39,47 @@ def training_api():
     return importlib.import_module("onnxruntime.training.api")
 
 
-def session_options(threads: int | None = None):
-    """Quiet CPU session options; `threads` sets the intra-op thread count."""
+def session_options(threads: int | None = None, cpu_arena: bool = True, mem_pattern: bool = True,
+                    config: dict | None = None):
+    """Quiet CPU session options; `threads` sets the intra-op thread count, `config` session-config entries.
+
+    The Java twins (ORT 1.19.2 `OrtSession.SessionOptions`): `setIntraOpNumThreads`,
+    `setCPUArenaAllocator`, `setMemoryPatternOptimization`, `addConfigEntry`.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = cpu_arena
+    options.enable_mem_pattern = mem_pattern
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return options
+
+
+def training_options(settings: dict, threads: int | None = None):
+    """Session options from a manifest's `training_session` settings (bundle.training_session)."""
+    return session_options(threads, cpu_arena=settings["enable_cpu_mem_arena"],
+                           mem_pattern=settings["enable_mem_pattern"], config=settings["config_entries"])
+
+
+def training_module(bundle, state, with_eval: bool | None = None, threads: int | None = None):
+    """(Module, Optimizer) of `bundle`'s training graphs over checkpoint `state`, with its session settings.
+
+    The eval graph is only loaded when `with_eval` (None: the bundle's `eval_session`, false), since an
+    eval session holds its own copy of the frozen weights.
+    """
+    from ..bundle import EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL
+
+    api = training_api()
+    if with_eval is None:
+        with_eval = bundle.training_session["eval_session"]
+    module = api.Module(str(bundle.path(TRAINING_MODEL)), state,
+                        str(bundle.path(EVAL_MODEL)) if with_eval else None,
+                        session_options=training_options(bundle.training_session, threads))
+    return module, api.Optimizer(str(bundle.path(OPTIMIZER_MODEL)), module)
 
 
 def inference_session(path: Path, threads: int | None = None):

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import store
-from ..bundle import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Bundle
+from ..bundle import CHECKPOINT, Bundle
 from ..rss import peak_rss_bytes
 from .buffer import BufferReader
 from .collect import noisy_and_target
 from .errors import RuntimeFault
-from .ort_session import training_api
+from .ort_session import training_api, training_module
 from .rng import epoch_order
 
 PROGRESS = "progress.json"
@@ -117,8 +117,7 @@ def train(bundle_dir: Path, buffer_path: Path, run: Path, config: TrainConfig) -
                 progress.get("data_sha256") and (not data.exists() or store.sha256(data) != progress["data_sha256"])):
             raise RuntimeFault(f"checkpoint {path} is missing or fails its hash; delete {run} to start over")
         state = api.CheckpointState.load_checkpoint(str(path))
-    module = api.Module(str(bundle_dir / TRAINING_MODEL), state, str(bundle_dir / EVAL_MODEL))
-    optimizer = api.Optimizer(str(bundle_dir / OPTIMIZER_MODEL), module)
+    module, optimizer = training_module(bundle, state)  # the bundle's session settings, no eval session
     lr = config.lr if config.lr is not None else hyper["lr"]
     optimizer.set_learning_rate(lr)
     module.train()

@@ -9,7 +9,8 @@ Out: a bundle folder (written whole or not at all, see `bundle.py` for the
        training_model.onnx   hollowed net + LoRA + MSE loss, with its gradient graph
        eval_model.onnx       the same forward and loss, no gradients
        optimizer_model.onnx  AdamW with PyTorch semantics (adam_mode 0)
-       checkpoint            LoRA (trainable) and frozen kept weights, ORT checkpoint format
+       frozen_weights.bin    the kept base weights (fp32 or fp16), external initializers of both graphs
+       checkpoint            LoRA only (trainable), ORT checkpoint format
        prompts.safetensors   instance and class prompt embeddings [1, 77, D]
        schedule.safetensors  alphas_cumprod of the training noise schedule
        manifest.json         files with sha256, graph I/O, plan, LoRA names, hyper-parameters
@@ -38,11 +39,12 @@ from ..hollow.split import HollowedNet, PrecomputeNet
 from ..models.prompts import encode_prompt
 from .backend import backend
 from .onnx import export_inference, param_bytes
+from .ort_training import EngineLevers
 
 
 @dataclass
-class BuildSettings(AdamWSettings):
-    """The optimizer (inherited) and the defaults the phone starts from."""
+class BuildSettings(EngineLevers, AdamWSettings):
+    """The optimizer and the training graph's memory levers (inherited) and the defaults the phone starts from."""
 
     steps: int = 1000
     samples: int = 200
@@ -137,6 +139,7 @@ def build(pipe, plan: HollowPlan, out: Path, instance_prompt: str, class_prompt:
                 "optimizer_state_bytes": plan.lora_params * 4 * 2,
                 "buffer_bytes_per_sample_fp32": plan.buffer_bytes_fp32,
             },
+            frozen_dtype=settings.frozen_dtype,
         )
         bar.update(1)
         bar.close()

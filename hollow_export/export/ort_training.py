@@ -3,12 +3,17 @@
 In:  a net with LoRA injected that returns the loss, example inputs and their names, an output
      folder, the AdamW settings.
 Out: training_model.onnx, eval_model.onnx, optimizer_model.onnx (AdamW with PyTorch semantics,
-     adam_mode 0, IR <= 10 for ORT 1.19.2) and the checkpoint (LoRA trainable, kept weights
-     frozen), plus the (trainable, frozen) names.
+     adam_mode 0, IR <= 10 for ORT 1.19.2), frozen_weights.bin (the kept weights, fp32 or fp16,
+     external initializers of both graphs) and the checkpoint (LoRA only), plus the (trainable,
+     frozen) names.
 
-The training graph is exported without its frozen weights: they become named graph inputs, which
-ORT's training session feeds from the checkpoint by name, and the checkpoint is written from the
-torch tensors directly. So `generate_artifacts` only ever sees a graph of a few MB, whatever the
+The memory levers of issue 13 (`EngineLevers`, each can be switched off for the ablation bench):
+attention exported query-chunked (`attention.py`), every softmax output recomputed in the backward
+(`recompute.py`), frozen weights out of the checkpoint in one external-data file (`frozen.py`).
+
+The training graph is exported without its frozen weights: they become named graph inputs (later
+external initializers in frozen_weights.bin), and the checkpoint is written from the torch tensors
+directly. So `generate_artifacts` only ever sees a graph of a few MB, whatever the
 model size (it peaks near 8x the bytes of the graph it is given), and a >2 GB net never meets
 protobuf's 2 GB limit. ORT 1.19.2 lacks gradients or CPU kernels for three ops the U-Net exports
 to; `onnx.ort_friendly` swaps the modules behind them for basic-op twins.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -26,10 +32,23 @@ from torch import nn
 
 from .. import bundle as fmt
 from ..hollow.lora import AdamWSettings
+from .attention import chunked_attention
+from .frozen import attach_frozen, write_frozen_data
 from .onnx import OPSET, ort_friendly
+from .recompute import recompute_attention
 
 MAX_ORT_IR_VERSION = 10  # ORT 1.19.2 loads IR <= 10
 ARTIFACT_GRAPHS = (fmt.OPTIMIZER_MODEL, fmt.TRAINING_MODEL, fmt.EVAL_MODEL)
+
+
+@dataclass
+class EngineLevers:
+    """The training graph's memory levers (issue 13); the defaults are the bundle format 2 build."""
+
+    attention_chunk: int | None = 512  # query tokens per attention chunk (measured at 64x64 latents); None: whole
+    recompute_attention: bool = True  # softmax outputs recomputed in the backward (recompute.py)
+    frozen_external: bool = True  # frozen weights in frozen_weights.bin; False (ablation): in the checkpoint
+    frozen_dtype: str = "float32"  # float32 | float16 storage of the frozen weights
 
 
 def _lift_frozen_to_inputs(model: onnx.ModelProto, frozen: set[str]) -> list[str]:
@@ -96,11 +115,11 @@ def generate_training_artifacts(graph_path: Path, trainable: list[str], out: Pat
             _pytorch_adamw(model)
         model.ir_version = min(model.ir_version, MAX_ORT_IR_VERSION)
         onnx.save(model, str(out / name))
-    (out / fmt.CHECKPOINT).unlink()  # replaced by write_checkpoint (frozen weights included)
+    (out / fmt.CHECKPOINT).unlink()  # replaced by write_checkpoint
 
 
 def write_checkpoint(net: nn.Module, trainable: list[str], frozen: list[str], path: Path) -> None:
-    """ORT checkpoint straight from the torch tensors: LoRA trainable, kept weights frozen."""
+    """ORT checkpoint straight from the torch tensors: LoRA trainable (and `frozen`, empty in format 2)."""
     from onnxruntime.training.onnxblock import save_checkpoint
 
     params = dict(net.named_parameters())
@@ -110,17 +129,41 @@ def write_checkpoint(net: nn.Module, trainable: list[str], frozen: list[str], pa
     save_checkpoint(([proto(n) for n in trainable], [proto(n) for n in frozen]), str(path))
 
 
+def rewrite_training_graph(path: Path) -> int:
+    """Recompute every attention's softmax in the backward of the training graph at `path` (in place)."""
+    model = onnx.load(str(path))
+    count = recompute_attention(model)
+    onnx.save(model, str(path))
+    return count
+
+
+def store_frozen(net: nn.Module, frozen: list[str], out: Path, dtype: str) -> None:
+    """Stream `net`'s frozen weights into out/frozen_weights.bin, then point both graphs' inputs at it."""
+    params = dict(net.named_parameters())
+    table = write_frozen_data(out / fmt.FROZEN_WEIGHTS, ((n, params[n].detach().cpu().numpy()) for n in frozen), dtype)
+    for name in (fmt.TRAINING_MODEL, fmt.EVAL_MODEL):
+        model = onnx.load(str(out / name), load_external_data=False)
+        attach_frozen(model, table)
+        onnx.save(model, str(out / name))
+
+
 def write_artifacts(net: nn.Module, args: tuple, input_names: list[str], out: Path,
-                    optimizer: AdamWSettings) -> tuple[list, list]:
-    """training/eval/optimizer models and checkpoint of `net` into `out`; returns (trainable, frozen) names."""
+                    settings: AdamWSettings) -> tuple[list, list]:
+    """training/eval/optimizer models, frozen weights and checkpoint of `net` into `out`; returns (trainable,
+    frozen) names. The levers are `settings`' when it is an `EngineLevers` too, else the defaults."""
+    levers = settings if isinstance(settings, EngineLevers) else EngineLevers()
     ort_friendly(net)
     graph = out / "graph_for_artifacts.onnx"
-    with torch.enable_grad():
+    with torch.enable_grad(), chunked_attention(net, levers.attention_chunk):
         trainable, frozen = export_training_graph(net, args, input_names, graph)
-    generate_training_artifacts(graph, trainable, out, optimizer)
+    generate_training_artifacts(graph, trainable, out, settings)
     graph.unlink()
     gc.collect()
-    write_checkpoint(net, trainable, frozen, out / fmt.CHECKPOINT)
+    if levers.recompute_attention:
+        rewrite_training_graph(out / fmt.TRAINING_MODEL)
+    if levers.frozen_external:
+        store_frozen(net, frozen, out, levers.frozen_dtype)
+    write_checkpoint(net, trainable, [] if levers.frozen_external else frozen, out / fmt.CHECKPOINT)
     return trainable, frozen
 
 

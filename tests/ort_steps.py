@@ -1,0 +1,51 @@
+"""Test helper: N ORT training steps of a bundle (fixed random inputs), returning losses and LoRA."""
+
+import numpy as np
+from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+from hollow_export import bundle as fmt
+from hollow_export.device.ort_session import training_options
+
+
+def ort_steps(folder, steps=4, lr=1e-3, options=None, seed=0, b_init=0.1):
+    """Losses and final LoRA of `steps` ORT steps; lora_B starts non-zero (seeded) so every LoRA tensor moves.
+
+    `options`: the session options; default: the bundle's own `training_session` settings.
+    """
+    if options is None:
+        options = training_options(fmt.open_bundle(folder, verify=False)["training_session"])
+    state = CheckpointState.load_checkpoint(str(folder / fmt.CHECKPOINT))
+    module = Module(str(folder / fmt.TRAINING_MODEL), state, None, session_options=options)
+    optimizer = Optimizer(str(folder / fmt.OPTIMIZER_MODEL), module)
+    optimizer.set_learning_rate(lr)
+    g = np.random.default_rng(seed)
+    names = sorted(n for n, p in state.parameters if p.requires_grad)
+    for n in names:
+        if "lora_B" in n:
+            shape = state.parameters[n].data.shape
+            state.parameters[n] = (g.standard_normal(shape) * b_init).astype(np.float32)
+    module.train()
+    losses = []
+    inputs_meta = {i: None for i in module.input_names()}
+    shapes = _shapes(folder)
+    for step in range(steps):
+        r = np.random.default_rng(100 + step)
+        feed = []
+        for name in inputs_meta:
+            if name == "timestep":
+                feed.append(np.array([int(r.integers(0, 1000))], dtype=np.int64))
+            else:
+                feed.append(r.standard_normal(shapes[name]).astype(np.float32))
+        losses.append(float(module(*feed)))
+        optimizer.step()
+        module.lazy_reset_grad()
+    lora = {n: np.array(state.parameters[n].data) for n in names}
+    return np.array(losses), lora
+
+
+def _shapes(folder):
+    manifest = fmt.open_bundle(folder, verify=False)
+    out = {}
+    for item in manifest["graphs"][fmt.TRAINING_MODEL]["inputs"]:
+        out[item["name"]] = [1 if isinstance(d, str) else d for d in item["shape"]]
+    return out
