@@ -20,19 +20,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import bundle as fmt
 from .. import store
 from ..rss import max_rss_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .cases import TOKENS, BenchError, bench_plan
 from .measure import GB, default_threads, run_child, settings_block
 from .report import _fmt_bytes, _pyplot, format_table, save_figure, settings_text, write_outputs
 
-# build levers (export.build.BuildSettings fields) and session settings (device.ort_session.session_options)
+# build levers (export.ort_training.EngineLevers, fields of BuildSettings) and session settings (as a
+# manifest's `training_session` names them, bundle.training_session: the bundle's own)
 LEVERS_OFF = {"attention_chunk": None, "recompute_attention": False, "frozen_external": False,
               "frozen_dtype": "float32"}
 ALL_FP32 = {"attention_chunk": 512, "recompute_attention": True, "frozen_external": True, "frozen_dtype": "float32"}
 ALL_FP16 = {**ALL_FP32, "frozen_dtype": "float16"}
-ORT_DEFAULT = {"cpu_arena": True, "mem_pattern": True, "constant_folding": True}
-TRAINING_SESSION = {"cpu_arena": False, "mem_pattern": True, "constant_folding": False}
+ORT_DEFAULT = {"enable_cpu_mem_arena": True, "enable_mem_pattern": True, "config_entries": {}, "eval_session": True}
+TRAINING_SESSION = fmt.training_session()
+# frozen weights as initializers need ConstantFolding and NchwcTransformer off, or ORT copies them at load
+TRANSFORMERS_OFF = {**ORT_DEFAULT, "config_entries": TRAINING_SESSION["config_entries"]}
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,7 @@ class Row:
     kind: str  # hollowed | lora | inference
     label: str
     build: dict | None = None
-    session: dict = field(default_factory=lambda: dict(ORT_DEFAULT))
-    with_eval: bool = True  # training: the Module also creates the eval session (the pre-issue-13 runtime)
+    session: dict = field(default_factory=lambda: dict(ORT_DEFAULT))  # eval_session: the Module also creates it
     baseline: str | None = None  # the row its loss / LoRA update / output is compared with
 
     def build_key(self) -> tuple:
@@ -52,39 +55,42 @@ class Row:
 
 ROWS = {
     # the three engines as `build` writes them today and `device train` runs them
-    "hollowed": Row("hollowed", "Hollowed Net training (bundle as built, device session)", None, TRAINING_SESSION,
-                    False),
-    "lora": Row("lora", "plain LoRA training (full U-Net, same levers)", None, TRAINING_SESSION, False),
+    "hollowed": Row("hollowed", "Hollowed Net training (bundle as built, device session)", None, TRAINING_SESSION),
+    "lora": Row("lora", "plain LoRA training (full U-Net, same levers)", None, TRAINING_SESSION),
     "inference": Row("inference", "U-Net inference (InferenceSession, ORT defaults)"),
     # the issue-13 ablation
     "baseline": Row("hollowed", "Hollowed, no lever, ORT default session + eval session", LEVERS_OFF),
-    "session": Row("hollowed", "+ session settings (CPU arena off, no eval session)", LEVERS_OFF,
-                   TRAINING_SESSION, False, "baseline"),
+    "session": Row("hollowed", "+ the bundle's session settings (CPU arena off, no eval session)", LEVERS_OFF,
+                   TRAINING_SESSION, "baseline"),
     "recompute": Row("hollowed", "+ softmax recomputed in the backward", {**LEVERS_OFF, "recompute_attention": True},
                      baseline="baseline"),
     "recompute_chunk": Row("hollowed", "+ recompute + query-chunked attention (512)",
                            {**LEVERS_OFF, "recompute_attention": True, "attention_chunk": 512}, baseline="baseline"),
-    "frozen_external": Row("hollowed", "+ frozen weights in one external file (LoRA-only checkpoint)",
-                           {**LEVERS_OFF, "frozen_external": True}, baseline="baseline"),
-    "frozen_fp16": Row("hollowed", "+ frozen weights fp16 external (constant folding off)",
-                       {**LEVERS_OFF, "frozen_external": True, "frozen_dtype": "float16"},
-                       {**ORT_DEFAULT, "constant_folding": False}, baseline="baseline"),
-    "all_fp32": Row("hollowed", "all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, False, "baseline"),
-    "all_fp16": Row("hollowed", "all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION, False, "baseline"),
+    "frozen_external": Row("hollowed", "+ frozen weights in one external file, LoRA-only checkpoint (folding, "
+                           "NCHWc off)", {**LEVERS_OFF, "frozen_external": True}, TRANSFORMERS_OFF, "baseline"),
+    "frozen_fp16": Row("hollowed", "+ frozen weights fp16 in the external file (folding, NCHWc off)",
+                       {**LEVERS_OFF, "frozen_external": True, "frozen_dtype": "float16"}, TRANSFORMERS_OFF,
+                       "baseline"),
+    "all_fp32": Row("hollowed", "all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, "baseline"),
+    "all_fp16": Row("hollowed", "all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION, "baseline"),
     "lora_baseline": Row("lora", "plain LoRA, no lever, ORT default session + eval session", LEVERS_OFF),
-    "lora_all": Row("lora", "plain LoRA, all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, False,
-                    "lora_baseline"),
+    "lora_all": Row("lora", "plain LoRA, all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, "lora_baseline"),
+    "lora_all_fp16": Row("lora", "plain LoRA, all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION,
+                         "lora_baseline"),
     "inference_default": Row("inference", "U-Net inference, ORT default session"),
     "inference_best": Row("inference", "U-Net inference, CPU arena off",
-                          session={**ORT_DEFAULT, "cpu_arena": False}, baseline="inference_default"),
+                          session={**ORT_DEFAULT, "enable_cpu_mem_arena": False}, baseline="inference_default"),
     "inference_lean": Row("inference", "U-Net inference, CPU arena and memory pattern off",
-                          session={**ORT_DEFAULT, "cpu_arena": False, "mem_pattern": False},
+                          session={**ORT_DEFAULT, "enable_cpu_mem_arena": False, "enable_mem_pattern": False},
                           baseline="inference_default"),
+    "inference_bundle_session": Row("inference", "U-Net inference, the training bundle's session (arena, folding, "
+                                    "NCHWc off)", session=TRAINING_SESSION, baseline="inference_default"),
 }
 DEFAULT_ROWS = ("hollowed", "lora", "inference")
 ABLATION = ("baseline", "session", "recompute", "recompute_chunk", "frozen_external", "frozen_fp16", "all_fp32",
-            "all_fp16", "lora_baseline", "lora_all", "inference_default", "inference_best", "inference_lean")
-INFERENCE_ROWS = ("inference", "inference_default", "inference_best", "inference_lean")
+            "all_fp16", "lora_baseline", "lora_all", "inference_default", "inference_best", "inference_lean",
+            "inference_bundle_session")
+INFERENCE_ROWS = ("inference", "inference_default", "inference_best", "inference_lean", "inference_bundle_session")
 
 
 def child_ort_build(spec: dict) -> dict:
@@ -120,7 +126,6 @@ def child_ort_build(spec: dict) -> dict:
 
 def folder_bytes(folder: Path) -> dict:
     """Bytes on disk of the whole folder and of its checkpoint (`checkpoint` plus its `.data`, if any)."""
-    from .. import bundle as fmt
     files = {f.name: f.stat().st_size for f in folder.rglob("*") if f.is_file()}
     checkpoint = [n for n in files if n == fmt.CHECKPOINT or n.startswith(fmt.CHECKPOINT + ".")]
     return {"disk_bytes": sum(files.values()), "files_bytes": files,
@@ -139,18 +144,6 @@ def _ort_inputs(names: list[str], shapes: dict, seed: int):
     return out
 
 
-def _session_options(threads: int, session: dict):
-    """The device runtime's quiet session options with `session`'s settings (cpu_arena, mem_pattern,
-    constant_folding)."""
-    from ..device.ort_session import session_options
-    options = session_options(threads)
-    options.enable_cpu_mem_arena = session["cpu_arena"]
-    options.enable_mem_pattern = session["mem_pattern"]
-    if not session["constant_folding"]:
-        options.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
-    return options
-
-
 def _lora(state) -> dict:
     import numpy as np
     return {name: np.array(p.data, dtype=np.float32) for name, p in state.parameters if p.requires_grad}
@@ -160,18 +153,17 @@ def child_ort_measure(spec: dict) -> dict:
     """In the child (no torch): ORT training steps or inference runs; load, whole and step peaks, step time."""
     import numpy as np
 
-    from .. import bundle as fmt
-    from ..device.ort_session import training_api
+    from ..device.ort_session import training_api, training_options
     baseline = rss_bytes()
     folder = Path(spec["folder"])
-    options = _session_options(spec["threads"], spec["session"])
+    options = training_options(spec["session"], spec["threads"])  # the device's factory, the row's settings
     times, out = [], None
     started = time.time()
     if spec["kind"] in ("hollowed", "lora"):
         api = training_api()
         state = api.CheckpointState.load_checkpoint(str(folder / fmt.CHECKPOINT))
         module = api.Module(str(folder / fmt.TRAINING_MODEL), state,
-                            str(folder / fmt.EVAL_MODEL) if spec["with_eval"] else None,
+                            str(folder / fmt.EVAL_MODEL) if spec["session"]["eval_session"] else None,
                             session_options=options)
         optimizer = api.Optimizer(str(folder / fmt.OPTIMIZER_MODEL), module)
         optimizer.set_learning_rate(1e-4)
@@ -226,24 +218,25 @@ def _training_step(module, optimizer):
 
 
 def compare(dump, reference) -> dict:
-    """Relative differences of one row's dump against its baseline's: loss-free, from the npz files.
+    """Relative differences of one row's dump against its baseline's, as `bench memory` takes them.
 
-    Training: the LoRA update (after - before) as max |delta_row - delta_ref| / max |delta_ref|;
-    inference: the output as max |out_row - out_ref| / max |out_ref|.
+    Training: the LoRA update (after - before, all tensors as one vector) ||d_row - d_ref|| / ||d_ref||;
+    inference: the output, ||out_row - out_ref|| / ||out_ref||.
     """
     import numpy as np
     a, b = np.load(dump), np.load(reference)
     if "output" in a.files:
-        return {"output_rel_diff": float(np.abs(a["output"] - b["output"]).max() / np.abs(b["output"]).max())}
+        ref = b["output"].astype(np.float64)
+        return {"output_rel_diff": float(np.linalg.norm(a["output"] - ref) / np.linalg.norm(ref))}
     names = sorted(k[len("after/"):] for k in a.files if k.startswith("after/"))
     if names != sorted(k[len("after/"):] for k in b.files if k.startswith("after/")):
         return {"lora_update_rel_diff": None, "note": "LoRA names differ from the baseline's"}
-    diff = top = 0.0
+    diff = norm = 0.0
     for n in names:
         da = a["after/" + n].astype(np.float64) - a["before/" + n]
         db = b["after/" + n].astype(np.float64) - b["before/" + n]
-        diff, top = max(diff, float(np.abs(da - db).max())), max(top, float(np.abs(db).max()))
-    return {"lora_update_rel_diff": diff / top if top else None, "lora_tensors": len(names)}
+        diff, norm = diff + float(np.square(da - db).sum()), norm + float(np.square(db).sum())
+    return {"lora_update_rel_diff": (diff / norm) ** 0.5 if norm else None, "lora_tensors": len(names)}
 
 
 def loss_diff(row: dict, reference: dict) -> float | None:
@@ -299,8 +292,8 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
             spec = ROWS[name]
             key = spec.build_key()
             if key not in builds:
-                for old in builds.values():  # one build on disk at a time: the rows sharing it are done
-                    shutil.rmtree(old["folder"], ignore_errors=True)
+                for done in builds.values():  # one build on disk at a time: the rows sharing it are done
+                    shutil.rmtree(done["folder"], ignore_errors=True)
                 folder = Path(tmp) / f"build{len(builds)}"
                 log(f"[{name}] building {spec.kind} {spec.build or 'defaults'} in a fresh process ...")
                 built = run_child({"job": "ort_build", "kind": spec.kind, "arch": arch, "plan": plan_args,
@@ -312,7 +305,7 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
                         f"{built['build_peak_rss_bytes'] / GB:.2f} GB, {built['disk_bytes'] / GB:.3f} GB on disk")
             built = builds[key]
             row = {"name": name, "kind": spec.kind, "label": spec.label, "build": spec.build,
-                   "session": spec.session, "with_eval": spec.with_eval, "baseline": spec.baseline,
+                   "session": spec.session, "baseline": spec.baseline,
                    **{k: v for k, v in built.items() if k != "folder"}}
             if "error" in built:
                 row["error"] = "build: " + built["error"]
@@ -322,7 +315,7 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
                 dumps[name] = Path(tmp) / f"{name}.npz"
                 got = run_child({"job": "ort_measure", "kind": spec.kind, "folder": built["folder"],
                                  "steps": steps, "shapes": shapes, "threads": threads, "session": spec.session,
-                                 "with_eval": spec.with_eval, "dump": str(dumps[name])}, timeout)
+                                 "dump": str(dumps[name])}, timeout)
                 if "error" in got:
                     row["error"] = "measure: " + got["error"]
                     log(f"[{name}] {row['error']}")
@@ -390,7 +383,7 @@ def ratios(by: dict) -> dict:
         by = {**by, "inference_best_measured": min(best, key=_peak)}
     pairs = [("hollowed", "lora"), ("hollowed", "inference"), ("lora", "inference"),
              ("all_fp32", "inference_default"), ("all_fp32", "inference_best_measured"),
-             ("all_fp16", "inference_best_measured"), ("all_fp32", "lora_all"), ("all_fp16", "lora_all"),
+             ("all_fp16", "inference_best_measured"), ("all_fp32", "lora_all"), ("all_fp16", "lora_all_fp16"),
              ("baseline", "lora_baseline"), ("baseline", "inference_default"), ("all_fp32", "baseline"),
              ("all_fp16", "baseline")]
     out = {}
