@@ -88,8 +88,8 @@ ROWS = {
 }
 DEFAULT_ROWS = ("hollowed", "lora", "inference")
 ABLATION = ("baseline", "session", "recompute", "recompute_chunk", "frozen_external", "frozen_fp16", "all_fp32",
-            "all_fp16", "lora_baseline", "lora_all", "inference_default", "inference_best", "inference_lean",
-            "inference_bundle_session")
+            "all_fp16", "lora_baseline", "lora_all", "lora_all_fp16", "inference_default", "inference_best",
+            "inference_lean", "inference_bundle_session")
 INFERENCE_ROWS = ("inference", "inference_default", "inference_best", "inference_lean", "inference_bundle_session")
 
 
@@ -267,7 +267,7 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
     """
     if steps < 2:
         raise BenchError("--steps must be at least 2 (the first run is a warm-up, not timed in the median)")
-    names = _check_rows(ABLATION if tuple(kinds) == ("ablation",) else kinds)
+    names = _check_rows(dict.fromkeys(n for k in kinds for n in (ABLATION if k == "ablation" else (k,))))
     from ..models.load import load_unet
     threads = default_threads(threads)
     unet_meta = load_unet(arch=arch, meta=True)
