@@ -337,10 +337,10 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
     if old is not None:
         kept = [r for r in old["rows"] if r["name"] not in measured]
         rows = sorted(kept + rows, key=lambda r: list(ROWS).index(r["name"]))
-        earlier = {r["name"]: r for r in kept}
-        for row in measured.values():  # a baseline from the earlier run: its losses still compare (same inputs)
-            if row["baseline"] in earlier and "losses" in row and "loss_rel_diff" not in row:
-                row["loss_rel_diff"] = loss_diff(row, earlier[row["baseline"]])
+        by = {r["name"]: r for r in rows}
+        for row in rows:  # a row and its baseline from different runs: the losses still compare (same inputs)
+            if row.get("baseline") in by and row.get("losses") and row.get("loss_rel_diff") is None:
+                row["loss_rel_diff"] = loss_diff(row, by[row["baseline"]])
         settings["merged_from"] = old["settings"].get("merged_from", []) + [old["settings"]["date"]]
         log(f"merged with {len(kept)} row(s) measured on {old['settings']['date']}")
     result = {"kind": "ort", "settings": settings, "rows": rows, "ratios": ratios({r["name"]: r for r in rows}),
