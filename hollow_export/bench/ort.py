@@ -256,6 +256,61 @@ def _check_rows(rows) -> tuple:
     return rows
 
 
+def _measure_rows(names, case: dict, timeout, workdir, partial, log) -> dict:
+    """Build each distinct folder once (rows grouped by build), measure every row in a fresh process and
+    compare it with its baseline; {name: row}. `case`: arch, plan (bench_plan's arguments), shapes, steps,
+    threads; `partial`: (path, settings) to save the rows measured so far, or None."""
+    order = sorted(names, key=lambda n: [ROWS[m].build_key() for m in names].index(ROWS[n].build_key()))
+    measured = {}
+    with tempfile.TemporaryDirectory(prefix="hollow-ort-", dir=workdir) as tmp:
+        builds, dumps = {}, {}
+        for name in order:
+            spec = ROWS[name]
+            key = spec.build_key()
+            if key not in builds:
+                for done in builds.values():  # one build on disk at a time: the rows sharing it are done
+                    shutil.rmtree(done["folder"], ignore_errors=True)
+                folder = Path(tmp) / f"build{len(builds)}"
+                log(f"[{name}] building {spec.kind} {spec.build or 'defaults'} in a fresh process ...")
+                built = run_child({"job": "ort_build", "kind": spec.kind, "arch": case["arch"], "plan": case["plan"],
+                                   "out": str(folder), "threads": case["threads"], "build": spec.build}, timeout)
+                built["folder"] = str(folder)
+                builds[key] = built
+                if "error" not in built:
+                    log(f"[{name}] built in {built['build_seconds']:.0f} s, peak RSS "
+                        f"{built['build_peak_rss_bytes'] / GB:.2f} GB, {built['disk_bytes'] / GB:.3f} GB on disk")
+            built = builds[key]
+            row = {"name": name, "kind": spec.kind, "label": spec.label, "build": spec.build,
+                   "session": spec.session, "baseline": spec.baseline,
+                   **{k: v for k, v in built.items() if k != "folder"}}
+            if "error" in built:
+                row["error"] = "build: " + built["error"]
+                log(f"[{name}] {row['error']}")
+            else:
+                log(f"[{name}] measuring in a fresh process ...")
+                dumps[name] = Path(tmp) / f"{name}.npz"
+                got = run_child({"job": "ort_measure", "kind": spec.kind, "folder": built["folder"],
+                                 "steps": case["steps"], "shapes": case["shapes"], "threads": case["threads"],
+                                 "session": spec.session, "dump": str(dumps[name])}, timeout)
+                if "error" in got:
+                    row["error"] = "measure: " + got["error"]
+                    log(f"[{name}] {row['error']}")
+                else:
+                    row.update(got)
+                    log(f"[{name}] peak RSS {got['peak_rss_bytes'] / GB:.3f} GB (steps "
+                        f"{_fmt_bytes(got['step_peak_rss_bytes'])}), median step {got['median_step_seconds']:.3f} s")
+            measured[name] = row
+            if partial is not None:  # what is measured so far survives an interrupted run
+                store.write_json(partial[0], {"kind": "ort", "partial": True, "settings": partial[1],
+                                              "rows": list(measured.values())})
+        for name, row in measured.items():
+            ref = measured.get(row["baseline"] or "")
+            if ref is not None and "error" not in row and "error" not in ref:
+                row["loss_rel_diff"] = loss_diff(row, ref)
+                row.update(compare(dumps[name], dumps[ref["name"]]))
+    return measured
+
+
 def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128, fraction: float | None = 0.4,
               depth: int | None = None, steps: int = 5, threads: int | None = None, out: Path | None = None,
               workdir: Path | None = None, timeout: float | None = None, kinds: tuple = DEFAULT_ROWS,
@@ -281,58 +336,12 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
                               depth=plan.depth, hollowed_fraction=plan.hollowed_fraction, dtype="fp32 compute",
                               batch=1, tokens=TOKENS, steps=steps, threads=threads, unet_params=plan.unet_params,
                               kept_params=plan.kept_params, lora_params_hollowed=plan.lora_params)
-    order = sorted(names, key=lambda n: [ROWS[m].build_key() for m in names].index(ROWS[n].build_key()))
     stem = f"ort_{arch}_{plan.resolution}px_r{rank}_k{plan.depth}" + (
         "" if set(names) <= set(DEFAULT_ROWS) else "_ablation")
     old = _merge_source(Path(out) / f"{stem}.json", settings) if merge and out is not None else None
-    measured = {}
-    with tempfile.TemporaryDirectory(prefix="hollow-ort-", dir=workdir) as tmp:
-        builds, dumps = {}, {}
-        for name in order:
-            spec = ROWS[name]
-            key = spec.build_key()
-            if key not in builds:
-                for done in builds.values():  # one build on disk at a time: the rows sharing it are done
-                    shutil.rmtree(done["folder"], ignore_errors=True)
-                folder = Path(tmp) / f"build{len(builds)}"
-                log(f"[{name}] building {spec.kind} {spec.build or 'defaults'} in a fresh process ...")
-                built = run_child({"job": "ort_build", "kind": spec.kind, "arch": arch, "plan": plan_args,
-                                   "out": str(folder), "threads": threads, "build": spec.build}, timeout)
-                built["folder"] = str(folder)
-                builds[key] = built
-                if "error" not in built:
-                    log(f"[{name}] built in {built['build_seconds']:.0f} s, peak RSS "
-                        f"{built['build_peak_rss_bytes'] / GB:.2f} GB, {built['disk_bytes'] / GB:.3f} GB on disk")
-            built = builds[key]
-            row = {"name": name, "kind": spec.kind, "label": spec.label, "build": spec.build,
-                   "session": spec.session, "baseline": spec.baseline,
-                   **{k: v for k, v in built.items() if k != "folder"}}
-            if "error" in built:
-                row["error"] = "build: " + built["error"]
-                log(f"[{name}] {row['error']}")
-            else:
-                log(f"[{name}] measuring in a fresh process ...")
-                dumps[name] = Path(tmp) / f"{name}.npz"
-                got = run_child({"job": "ort_measure", "kind": spec.kind, "folder": built["folder"],
-                                 "steps": steps, "shapes": shapes, "threads": threads, "session": spec.session,
-                                 "dump": str(dumps[name])}, timeout)
-                if "error" in got:
-                    row["error"] = "measure: " + got["error"]
-                    log(f"[{name}] {row['error']}")
-                else:
-                    row.update(got)
-                    log(f"[{name}] peak RSS {got['peak_rss_bytes'] / GB:.3f} GB (steps "
-                        f"{_fmt_bytes(got['step_peak_rss_bytes'])}), median step {got['median_step_seconds']:.3f} s")
-            measured[name] = row
-            if out is not None:  # what is measured so far survives an interrupted run
-                store.write_json(Path(out) / f"{stem}.partial.json", {"kind": "ort", "partial": True,
-                                                                     "settings": settings,
-                                                                     "rows": list(measured.values())})
-        for name, row in measured.items():
-            ref = measured.get(row["baseline"] or "")
-            if ref is not None and "error" not in row and "error" not in ref:
-                row["loss_rel_diff"] = loss_diff(row, ref)
-                row.update(compare(dumps[name], dumps[ref["name"]]))
+    partial = None if out is None else (Path(out) / f"{stem}.partial.json", settings)
+    case = {"arch": arch, "plan": plan_args, "shapes": shapes, "steps": steps, "threads": threads}
+    measured = _measure_rows(names, case, timeout, workdir, partial, log)
     rows = [measured[n] for n in names]
     if old is not None:
         kept = [r for r in old["rows"] if r["name"] not in measured]
