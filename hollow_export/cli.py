@@ -424,19 +424,20 @@ def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, 
 @click.option("--depth", type=DEPTH, default=None, help="Hollow depth k (overrides --fraction).")
 @click.option("--steps", type=TIMED_STEPS, default=5, show_default=True,
               help="ORT steps per engine (first is warm-up).")
-@click.option("--engines", default="hollowed,lora,inference", show_default=True,
-              help="Comma-separated engines to measure.")
+@click.option("--rows", "--engines", "engines", default="hollowed,lora,inference", show_default=True,
+              help="Rows (bench/ort.py ROWS), or 'ablation': every engine lever alone and together.")
 @click.option("--threads", type=COUNT, default=None, help="ORT threads per process (default: ORT's).")
 @click.option("--timeout", type=POSITIVE, default=None, help="Seconds per build/measure process.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the temporary bundles go.")
+@click.option("--merge", is_flag=True, help="Add these rows to the result already in --out (same settings).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
               help="Folder for the result JSON and PNG.")
-def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, timeout, workdir, out):
+def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, timeout, workdir, merge, out):
     """ORT training of the Hollowed Net bundle vs a plain-LoRA bundle vs ORT inference, side by side."""
     from .bench.ort import ort_bench, ort_text
     result = ort_bench(arch=arch, resolution=resolution, rank=rank, fraction=fraction, depth=depth,
                        steps=steps, threads=threads, out=Path(out), workdir=workdir, timeout=timeout,
-                       kinds=tuple(_names(engines) or ()))
+                       kinds=tuple(_names(engines) or ()), merge=merge)
     _bench_done(result, ort_text)
 
 

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hollow_export import aihub
 from hollow_export.bench import cases, flops, memory, ort, sweep
 from hollow_export.hollow.plan import LoraSpec, lora_param_count, make_plan, select_lora_targets
+from hollow_export.hollow.split import HollowedNet
 from hollow_export.models.load import load_unet
 
 RANK = 4
@@ -278,6 +279,36 @@ def test_ort_bench_on_tiny_trains_each_bundle_without_torch(tmp_path, monkeypatc
     assert ratio == rows["hollowed"]["peak_rss_bytes"] / rows["lora"]["peak_rss_bytes"]
     assert open(result["files"]["png"], "rb").read(4) == b"\x89PNG"
     assert "hollowed/lora" in ort.ort_text(result)
+
+
+def test_ort_ablation_shares_builds_and_measures_each_lever_against_its_baseline(tmp_path):
+    result = ort.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, threads=2, out=tmp_path,
+                           kinds=("baseline", "session", "all_fp16"), log=lambda *_: None)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["baseline", "session", "all_fp16"]
+    for r in rows.values():
+        assert "error" not in r, r.get("error")
+        assert r["torch_loaded"] is False
+        assert r["held_rss_bytes"] <= r["load_peak_rss_bytes"] <= r["peak_rss_bytes"]
+        assert 0 < r["step_peak_rss_bytes"] <= r["peak_rss_bytes"]
+    # one build serves both rows of the lever-free bundle: the same child's figures
+    assert rows["session"]["build_seconds"] == rows["baseline"]["build_seconds"]
+    assert rows["session"]["files_bytes"] == rows["baseline"]["files_bytes"]
+    # session settings change where memory comes from, not the math: same losses and LoRA, bit for bit
+    assert rows["session"]["loss_rel_diff"] == 0 and rows["session"]["lora_update_rel_diff"] == 0
+    # fp16 frozen weights: the training math moves only by fp16 rounding of the weights
+    assert 0 < rows["all_fp16"]["loss_rel_diff"] < 1e-2 and 0 < rows["all_fp16"]["lora_update_rel_diff"] < 0.5
+    # the lever-free checkpoint holds every kept base weight (fp32); the levered one LoRA + state only, and the
+    # kept weights sit once in the bundle as fp16: sizes against the plan's own parameter counts
+    unet = load_unet(arch="tiny")
+    plan = make_plan(unet, depth=3, lora=LoraSpec(rank=RANK), resolution=64)
+    tensors = len(list(HollowedNet(unet, plan).parameters()))
+    assert rows["baseline"]["checkpoint_bytes"] >= 4 * plan.kept_params
+    assert rows["all_fp16"]["checkpoint_bytes"] < 4 * plan.kept_params
+    frozen = [n for n in rows["all_fp16"]["files_bytes"] if n not in rows["baseline"]["files_bytes"]]
+    assert len(frozen) == 1  # one external file, each weight padded to at most a page
+    assert 2 * plan.kept_params <= rows["all_fp16"]["files_bytes"][frozen[0]] < 2 * plan.kept_params + 4096 * tensors
+    assert "all_fp16" in ort.ort_text(result) and open(result["files"]["png"], "rb").read(4) == b"\x89PNG"
 
 
 # ---------------------------------------------------------------- AI Hub

@@ -13,6 +13,7 @@ from hollow_export.hollow import lora
 from hollow_export.hollow.plan import LoraSpec, make_plan
 from hollow_export.cli import main
 from hollow_export.export.build import BuildSettings, build
+from hollow_export.export import onnx as onnx_export
 from hollow_export.export.onnx import GroupNormOps, LayerNormOps, Upsample2xOps
 from hollow_export.models.load import load_pipeline
 from hollow_export.hollow.split import HollowedNet, PrecomputeNet
@@ -34,7 +35,15 @@ def built(request, tmp_path_factory):
     pipe = _pipe(request.param)
     plan = make_plan(pipe.unet, depth=DEPTHS[request.param], lora=LoraSpec(rank=4, alpha=8.0))
     out = tmp_path_factory.mktemp("bundle") / "b"
-    manifest = build(pipe, plan, out, "a sks dog", "a dog", SETTINGS, {"source": request.param})
+    # small_sd2 is built as `hollow-export build` builds SD2.1: the pipeline released stage by stage and
+    # the inference graphs' weights streamed to external data (there from 1 GiB, here from 0 bytes)
+    streamed = request.param == "small_sd2"
+    with pytest.MonkeyPatch.context() as patch:
+        if streamed:
+            patch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+        manifest = build(pipe, plan, out, "a sks dog", "a dog", SETTINGS, {"source": request.param},
+                         release=streamed)
+    assert (out / (fmt.PRECOMPUTE + ".data")).exists() == streamed
     fresh = _pipe(request.param)  # untouched by the build
     return out, manifest, plan, fresh
 

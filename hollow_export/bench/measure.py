@@ -45,8 +45,11 @@ METHOD = """- Memory, CPU: every case runs in a FRESH subprocess (`python -m hol
   here) the frozen weights are STORED in that dtype and each layer computes in fp32 over an upcast
   copy (`store_frozen_weights`), so the row is exactly an fp32 step over rounded weights. Each row
   reports its loss and LoRA-update difference against the fp32 case, measured in the same run.
-- ORT: each bundle is built in its own subprocess, then measured in a fresh torch-free subprocess
-  (ONNX Runtime + numpy, like the phone): RSS after load, peak RSS (`getrusage`), median step time."""
+- ORT: each distinct folder (bundle with the row's build levers, plain-LoRA artifacts, inference
+  graph) is built once in its own subprocess, then every row is measured in a fresh torch-free
+  subprocess (ONNX Runtime + numpy, like the phone) with the row's session settings: RSS after load,
+  whole-process peak (VmHWM over the child's life, loading included), step peak (VmHWM reset after
+  load), median step time; loss and LoRA-update differences against the baseline row of its kind."""
 
 
 def default_threads(threads: int | None) -> int:
