@@ -153,26 +153,22 @@ def child_ort_measure(spec: dict) -> dict:
     """In the child (no torch): ORT training steps or inference runs; load, whole and step peaks, step time."""
     import numpy as np
 
-    from ..device.ort_session import training_api, training_options
+    from ..device.ort_session import inference_session, training_api, training_module, training_options
     baseline = rss_bytes()
     folder = Path(spec["folder"])
-    options = training_options(spec["session"], spec["threads"])  # the device's factory, the row's settings
     times, out = [], None
     started = time.time()
     if spec["kind"] in ("hollowed", "lora"):
         api = training_api()
         state = api.CheckpointState.load_checkpoint(str(folder / fmt.CHECKPOINT))
-        module = api.Module(str(folder / fmt.TRAINING_MODEL), state,
-                            str(folder / fmt.EVAL_MODEL) if spec["session"]["eval_session"] else None,
-                            session_options=options)
-        optimizer = api.Optimizer(str(folder / fmt.OPTIMIZER_MODEL), module)
+        module, optimizer = training_module(folder, state, spec["session"], spec["threads"])
         optimizer.set_learning_rate(1e-4)
         module.train()
         names = module.input_names()
         run = _training_step(module, optimizer)
     else:
-        import onnxruntime as ort
-        session = ort.InferenceSession(str(folder / "unet.onnx"), options, providers=["CPUExecutionProvider"])
+        options = training_options(spec["session"], spec["threads"])  # the device's factory, the row's settings
+        session = inference_session(folder / "unet.onnx", options=options)
         names = [i.name for i in session.get_inputs()]
 
         def run(inputs):

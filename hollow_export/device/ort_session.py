@@ -3,8 +3,8 @@
 In:  an ONNX graph path (and optionally a thread count); for training, a bundle.
 Out: `session_options(...)` -> the one `onnxruntime.SessionOptions` factory (quiet, CPU arena,
      memory pattern, config entries); `inference_session(path)` -> an `onnxruntime.InferenceSession`
-     on the CPU provider; `training_module(bundle, state)` -> (Module, Optimizer) opened with the
-     bundle's `training_session` settings (bundle.py: CPU arena off, ConstantFolding and
+     on the CPU provider; `training_module(folder, state, settings)` -> (Module, Optimizer) opened with
+     `training_session` settings (a bundle's, bundle.py: CPU arena off, ConstantFolding and
      NchwcTransformer off, no eval session unless asked); `training_options(settings)` -> those
      settings as SessionOptions (for graphs without a manifest, e.g. the bench's plain-LoRA
      baseline: `training_options(bundle.training_session())`); `training_api()` -> `onnxruntime.training.api` entered
@@ -65,25 +65,26 @@ def training_options(settings: dict, threads: int | None = None):
                            mem_pattern=settings["enable_mem_pattern"], config=settings["config_entries"])
 
 
-def training_module(bundle, state, with_eval: bool | None = None, threads: int | None = None):
-    """(Module, Optimizer) of `bundle`'s training graphs over checkpoint `state`, with its session settings.
+def training_module(folder: Path, state, settings: dict, threads: int | None = None):
+    """(Module, Optimizer) of the training graphs in `folder` over checkpoint `state`, opened with the
+    `training_session` settings (a bundle's: `bundle.training_session`; the bench passes each row's).
 
-    The eval graph is only loaded when `with_eval` (None: the bundle's `eval_session`, false), since an
-    eval session holds its own copy of the frozen weights.
+    The eval graph is only loaded when the settings ask for it (`eval_session`), since an eval session
+    holds its own copy of the frozen weights.
     """
     from ..bundle import EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL
 
     api = training_api()
-    if with_eval is None:
-        with_eval = bundle.training_session["eval_session"]
-    module = api.Module(str(bundle.path(TRAINING_MODEL)), state,
-                        str(bundle.path(EVAL_MODEL)) if with_eval else None,
-                        session_options=training_options(bundle.training_session, threads))
-    return module, api.Optimizer(str(bundle.path(OPTIMIZER_MODEL)), module)
+    folder = Path(folder)
+    module = api.Module(str(folder / TRAINING_MODEL), state,
+                        str(folder / EVAL_MODEL) if settings["eval_session"] else None,
+                        session_options=training_options(settings, threads))
+    return module, api.Optimizer(str(folder / OPTIMIZER_MODEL), module)
 
 
-def inference_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime inference session on the CPU provider."""
+def inference_session(path: Path, threads: int | None = None, options=None):
+    """An ONNX Runtime inference session on the CPU provider (`options`: default `session_options(threads)`)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    options = session_options(threads) if options is None else options
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -165,7 +165,7 @@ def train(bundle_dir: Path, buffer_path: Path, run: Path, config: TrainConfig) -
         check_buffer(run, progress, buffer.header)
         state = api.CheckpointState.load_checkpoint(str(verified_checkpoint(run, progress)))
     progress["starts"] = progress.get("starts", []) + [progress["step"]]  # where each process began
-    module, optimizer = training_module(bundle, state)  # the bundle's session settings, no eval session
+    module, optimizer = training_module(bundle.folder, state, bundle.training_session)  # no eval session
     lr = config.lr if config.lr is not None else hyper["lr"]
     optimizer.set_learning_rate(lr)
     module.train()
