@@ -14,7 +14,7 @@ from hollow_export.export.recompute import RecomputeError, recompute_attention
 
 from ort_steps import ort_steps
 
-PLAIN = BuildSettings(lr=1e-3, recompute_attention=False, frozen_external=False)
+PLAIN = BuildSettings(lr=1e-3, recompute_attention=False, recompute_units=False, frozen_external=False)
 
 
 def _build(folder, settings):
@@ -68,7 +68,7 @@ def test_rewritten_graph_trains_exactly_like_the_plain_graph(plain, tmp_path):
 
 
 def test_chunked_export_is_recognised_and_trains_like_unchunked(plain, tmp_path):
-    folder = _build(tmp_path / "chunked", BuildSettings(lr=1e-3, attention_chunk=64, frozen_external=False))
+    folder = _build(tmp_path / "chunked", BuildSettings(lr=1e-3, attention_chunk=64, recompute_units=False, frozen_external=False))
     model = onnx.load(str(folder / fmt.TRAINING_MODEL))
     unchunked = sum(n.op_type == "Softmax" for n in onnx.load(str(plain / fmt.TRAINING_MODEL)).graph.node)
     forward_softmax = [n for n in model.graph.node if n.op_type == "Softmax" and not n.name.startswith("recompute/")]

@@ -29,9 +29,10 @@ from .report import _fmt_bytes, _pyplot, format_table, save_figure, settings_tex
 
 # build levers (export.ort_training.EngineLevers, fields of BuildSettings) and session settings (as a
 # manifest's `training_session` names them, bundle.training_session: the bundle's own)
-LEVERS_OFF = {"attention_chunk": None, "recompute_attention": False, "frozen_external": False,
-              "frozen_dtype": "float32"}
-ALL_FP32 = {"attention_chunk": 512, "recompute_attention": True, "frozen_external": True, "frozen_dtype": "float32"}
+LEVERS_OFF = {"attention_chunk": None, "recompute_attention": False, "recompute_units": False,
+              "frozen_external": False, "frozen_dtype": "float32"}
+ALL_FP32 = {"attention_chunk": 512, "recompute_attention": True, "recompute_units": True, "frozen_external": True,
+            "frozen_dtype": "float32"}
 ALL_FP16 = {**ALL_FP32, "frozen_dtype": "float16"}
 ORT_DEFAULT = {"enable_cpu_mem_arena": True, "enable_mem_pattern": True, "config_entries": {}, "eval_session": True}
 TRAINING_SESSION = fmt.training_session()
@@ -66,6 +67,8 @@ ROWS = {
                      baseline="baseline"),
     "recompute_chunk": Row("hollowed", "+ recompute + query-chunked attention (512)",
                            {**LEVERS_OFF, "recompute_attention": True, "attention_chunk": 512}, baseline="baseline"),
+    "recompute_units": Row("hollowed", "+ each unit's activations recomputed in the backward",
+                           {**LEVERS_OFF, "recompute_units": True}, baseline="baseline"),
     "frozen_external": Row("hollowed", "+ frozen weights in one external file, LoRA-only checkpoint (folding, "
                            "NCHWc off)", {**LEVERS_OFF, "frozen_external": True}, TRANSFORMERS_OFF, "baseline"),
     "frozen_fp16": Row("hollowed", "+ frozen weights fp16 in the external file (folding, NCHWc off)",
@@ -73,6 +76,8 @@ ROWS = {
                        "baseline"),
     "all_fp32": Row("hollowed", "all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, "baseline"),
     "all_fp16": Row("hollowed", "all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION, "baseline"),
+    "all_but_units": Row("hollowed", "all levers but unit recompute, fp32 frozen", {**ALL_FP32, "recompute_units": False},
+                         TRAINING_SESSION, "baseline"),
     "lora_baseline": Row("lora", "plain LoRA, no lever, ORT default session + eval session", LEVERS_OFF),
     "lora_all": Row("lora", "plain LoRA, all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, "lora_baseline"),
     "lora_all_fp16": Row("lora", "plain LoRA, all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION,
@@ -87,8 +92,8 @@ ROWS = {
                                     "NCHWc off)", session=TRAINING_SESSION, baseline="inference_default"),
 }
 DEFAULT_ROWS = ("hollowed", "lora", "inference")
-ABLATION = ("baseline", "session", "recompute", "recompute_chunk", "frozen_external", "frozen_fp16", "all_fp32",
-            "all_fp16", "lora_baseline", "lora_all", "lora_all_fp16", "inference_default", "inference_best",
+ABLATION = ("baseline", "session", "recompute", "recompute_chunk", "recompute_units", "frozen_external",
+            "frozen_fp16", "all_but_units", "all_fp32", "all_fp16", "lora_baseline", "lora_all", "lora_all_fp16", "inference_default", "inference_best",
             "inference_lean", "inference_bundle_session")
 INFERENCE_ROWS = ("inference", "inference_default", "inference_best", "inference_lean", "inference_bundle_session")
 
@@ -394,7 +399,7 @@ def ratios(by: dict) -> dict:
              ("all_fp32", "inference_default"), ("all_fp32", "inference_best_measured"),
              ("all_fp16", "inference_best_measured"), ("all_fp32", "lora_all"), ("all_fp16", "lora_all_fp16"),
              ("baseline", "lora_baseline"), ("baseline", "inference_default"), ("all_fp32", "baseline"),
-             ("all_fp16", "baseline")]
+             ("all_fp16", "baseline"), ("all_fp32", "all_but_units")]
     out = {}
     for a, b in pairs:
         if a in by and b in by and _peak(by[a]) and _peak(by[b]):

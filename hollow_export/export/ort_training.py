@@ -9,7 +9,7 @@ Out: training_model.onnx, eval_model.onnx, optimizer_model.onnx (AdamW with PyTo
 
 The memory levers of issue 13 (`EngineLevers`, each can be switched off for the ablation bench):
 attention exported query-chunked (`attention.py`), every softmax output recomputed in the backward
-(`recompute.py`), frozen weights out of the checkpoint in one external-data file (`frozen.py`).
+(`recompute.py`), every kept unit's activations recomputed in the backward (`recompute_units.py`), frozen weights out of the checkpoint in one external-data file (`frozen.py`).
 
 The training graph is exported without its frozen weights: they become named graph inputs (later
 external initializers in frozen_weights.bin), and the checkpoint is written from the torch tensors
@@ -36,6 +36,7 @@ from .attention import chunked_attention
 from .frozen import attach_frozen, write_frozen_data
 from .onnx import OPSET, ort_friendly
 from .recompute import recompute_attention
+from .recompute_units import recompute_units
 
 MAX_ORT_IR_VERSION = 10  # ORT 1.19.2 loads IR <= 10
 ARTIFACT_GRAPHS = (fmt.OPTIMIZER_MODEL, fmt.TRAINING_MODEL, fmt.EVAL_MODEL)
@@ -47,6 +48,7 @@ class EngineLevers:
 
     attention_chunk: int | None = 512  # query tokens per attention chunk (measured at 64x64 latents); None: whole
     recompute_attention: bool = True  # softmax outputs recomputed in the backward (recompute.py)
+    recompute_units: bool = True  # each unit's activations recomputed in the backward (recompute_units.py)
     frozen_external: bool = True  # frozen weights in frozen_weights.bin; False (ablation): in the checkpoint
     frozen_dtype: str = "float32"  # float32 | float16 storage of the frozen weights
 
@@ -129,12 +131,15 @@ def write_checkpoint(net: nn.Module, trainable: list[str], frozen: list[str], pa
     save_checkpoint(([proto(n) for n in trainable], [proto(n) for n in frozen]), str(path))
 
 
-def rewrite_training_graph(path: Path) -> int:
-    """Recompute every attention's softmax in the backward of the training graph at `path` (in place)."""
+def rewrite_training_graph(path: Path, attention: bool = True, units: bool = True) -> None:
+    """Recompute every attention's softmax (`attention`), then every unit's activations (`units`), in the
+    backward of the training graph at `path` (in place)."""
     model = onnx.load(str(path))
-    count = recompute_attention(model)
+    if attention:
+        recompute_attention(model)
+    if units:
+        recompute_units(model)
     onnx.save(model, str(path))
-    return count
 
 
 def store_frozen(net: nn.Module, frozen: list[str], out: Path, dtype: str) -> None:
@@ -159,8 +164,8 @@ def write_artifacts(net: nn.Module, args: tuple, input_names: list[str], out: Pa
     generate_training_artifacts(graph, trainable, out, settings)
     graph.unlink()
     gc.collect()
-    if levers.recompute_attention:
-        rewrite_training_graph(out / fmt.TRAINING_MODEL)
+    if levers.recompute_attention or levers.recompute_units:
+        rewrite_training_graph(out / fmt.TRAINING_MODEL, levers.recompute_attention, levers.recompute_units)
     if levers.frozen_external:
         store_frozen(net, frozen, out, levers.frozen_dtype)
     write_checkpoint(net, trainable, [] if levers.frozen_external else frozen, out / fmt.CHECKPOINT)

@@ -158,11 +158,17 @@ def recompute_attention(model: onnx.ModelProto) -> int:
         numpy_helper.from_array(np.array([1], np.int64), f"{PREFIX}/end"),
     ])
     added = []
+    previous = {}  # K side of the scores -> the backward tensors of that attention's previous query chunk
     for j, (softmax, scores, scale, d_out, readers) in enumerate(plans):
         t = f"{PREFIX}/{j}/{softmax.name.strip('/')}"
         b = scores.input[1]
         k = 0 if not _is_scalar_constant(scalars, producer, nodes, scale.input[0]) else 1  # the query side
         q, c = scale.input[k], scale.input[1 - k]
+        chain = _chunk_backward_outputs(nodes, consumers, forward, readers, softmax.output[0])
+        if b in previous:
+            d_out = _chain_after(t, d_out, previous[b], [c for c in consumers[d_out] if c not in forward],
+                                 nodes, added)
+        previous[b] = chain
         added += [
             helper.make_node("Reshape", [d_out, f"{PREFIX}/flat"], [t + "/dO_flat"], name=t + "/dO_flat"),
             helper.make_node("Slice", [t + "/dO_flat", f"{PREFIX}/start", f"{PREFIX}/end"], [t + "/dO_one"],
@@ -179,6 +185,40 @@ def recompute_attention(model: onnx.ModelProto) -> int:
                     reader.input[i] = t + "/P"
     graph.node.extend(added)
     return len(plans)
+
+
+def _chunk_backward_outputs(nodes, consumers, forward: set[int], readers: list, p: str) -> list[str]:
+    """The backward tensors after which a chunk's P, dP and dS are dead: what the readers of P make (dV's
+    part, dS) and what the readers of dS make (the scores' input gradients)."""
+    outs = [o for r in readers for o in r.output if o]
+    d_s = [o for r in readers if r.op_type in _SOFTMAX_GRADS for o in r.output if o]
+    outs += [o for d in d_s for c in consumers[d] if c not in forward for o in nodes[c].output if o]
+    return [o for o in outs if o not in d_s]
+
+
+def _chain_after(t: str, d_out: str, after: list[str], d_out_readers: list[int], nodes, added: list) -> str:
+    """dO of this query chunk, made to wait for the previous chunk's backward: dO + 0 * (one element of each
+    tensor in `after`); every backward reader of dO reads it. ORT would otherwise start every chunk's
+    backward at once (their dO all come from one split), holding every chunk's P, dP and dS together."""
+    terms = []
+    for i, x in enumerate(after):
+        added += [helper.make_node("Reshape", [x, f"{PREFIX}/flat"], [f"{t}/after{i}/flat"], name=f"{t}/after{i}/flat"),
+                  helper.make_node("Slice", [f"{t}/after{i}/flat", f"{PREFIX}/start", f"{PREFIX}/end"],
+                                   [f"{t}/after{i}/one"], name=f"{t}/after{i}/one"),
+                  helper.make_node("Mul", [f"{t}/after{i}/one", f"{PREFIX}/zero"], [f"{t}/after{i}/z"],
+                                   name=f"{t}/after{i}/z")]
+        terms.append(f"{t}/after{i}/z")
+    z = terms[0]
+    for i, term in enumerate(terms[1:]):
+        added.append(helper.make_node("Add", [z, term], [f"{t}/after/sum{i}"], name=f"{t}/after/sum{i}"))
+        z = f"{t}/after/sum{i}"
+    chained = f"{t}/dO_chained"
+    added.append(helper.make_node("Add", [d_out, z], [chained], name=chained))
+    for c in d_out_readers:
+        for i, name in enumerate(nodes[c].input):
+            if name == d_out:
+                nodes[c].input[i] = chained
+    return chained
 
 
 def _is_scalar_constant(scalars: set, producer, nodes, name: str) -> bool:

@@ -46,6 +46,26 @@ def embed_timestep(net: nn.Module, sample: torch.Tensor, timestep: torch.Tensor)
     return net.time_embedding(t_emb)
 
 
+class UnitScope(nn.Module):
+    """No weights: a unit called through it exports its ONNX nodes as `/unit_scopes.K/...`.
+
+    The U-Net's module names repeat across blocks (every up block has a `resnets.0`), so the exported node
+    names alone do not say which unit a node belongs to; the scope does, and the unit-recompute rewrite
+    (`export/recompute_units.py`) reads its unit boundaries from it. Math and state dict are unchanged.
+    """
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
+def unit_scopes(count: int) -> nn.ModuleList:
+    return nn.ModuleList(UnitScope() for _ in range(count))
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
 def run_down(net: nn.Module, unit: Unit, h, emb, context):
     """One down unit: conv_in, a resnet(+attention) layer, or a downsampler."""
     if unit.modules == ("conv_in",):
@@ -126,47 +146,50 @@ class HollowedNet(nn.Module):
         self.conv_act = unet.conv_act
         for name in plan.kept_modules:
             graft(self, name, unet.get_submodule(name))
+        self.unit_scopes = unit_scopes(len(self.down_units) + len(self.up_units))
 
-    def _run(self, fn, *args):
-        """One unit; with `recompute`, its activations are recomputed in the backward, not held."""
+    def _run(self, k: int, fn, *args):
+        """Unit `k`; with `recompute`, its activations are recomputed in the backward, not held."""
         if self.recompute:
-            return checkpoint(fn, self, *args, use_reentrant=False)
-        return fn(self, *args)
+            return self.unit_scopes[k](lambda *a: checkpoint(fn, self, *a, use_reentrant=False), *args)
+        return self.unit_scopes[k](fn, self, *args)
 
     def forward(self, sample, timestep, encoder_hidden_states, hidden, target=None):
         """Noise prediction; with `target` given, the training loss MSE(prediction, target) instead."""
         emb = embed_timestep(self, sample, timestep)
         h, skips = sample, []
-        for unit in self.down_units:
-            h = self._run(run_down, unit, h, emb, encoder_hidden_states)
+        for k, unit in enumerate(self.down_units):
+            h = self._run(k, run_down, unit, h, emb, encoder_hidden_states)
             skips.append(h)
         h = hidden
-        for unit in self.up_units:
-            h = self._run(run_up, unit, h, emb, encoder_hidden_states, pop_skip(unit, skips))
+        for k, unit in enumerate(self.up_units, start=len(self.down_units)):
+            h = self._run(k, run_up, unit, h, emb, encoder_hidden_states, pop_skip(unit, skips))
         prediction = run_head(self, h)
         if target is None:
             return prediction
         return torch.nn.functional.mse_loss(prediction, target)
 
 
-def unet_forward(unet, plan: HollowPlan, sample, timestep, kept_context, hollowed_context=None):
+def unet_forward(unet, plan: HollowPlan, sample, timestep, kept_context, hollowed_context=None, scopes=None):
     """The whole U-Net, unit by unit; hollowed units see `hollowed_context` (default: `kept_context`).
 
     With one context this is the plain diffusers forward. With the instance prompt for the kept
     units and the class prompt for the hollowed ones it is the paper's single-path inference.
+    `scopes` (`unit_scopes(len(plan.units))`, for an export) names each unit's ONNX nodes.
     """
     if hollowed_context is None:
         hollowed_context = kept_context
     hollowed = {u.modules for u in plan.hollowed_units}
     emb = embed_timestep(unet, sample, timestep)
     h, skips = sample, []
-    for unit in plan.units:
+    for k, unit in enumerate(plan.units):
         context = hollowed_context if unit.modules in hollowed else kept_context
+        scope = scopes[k] if scopes is not None else _call
         if _is_down(unit):
-            h = run_down(unet, unit, h, emb, context)
+            h = scope(run_down, unet, unit, h, emb, context)
             skips.append(h)
         elif unit.kind == "mid":
-            h = run_mid(unet, h, emb, context)
+            h = scope(run_mid, unet, h, emb, context)
         elif unit.kind in ("up", "upsample"):
-            h = run_up(unet, unit, h, emb, context, pop_skip(unit, skips))
+            h = scope(run_up, unet, unit, h, emb, context, pop_skip(unit, skips))
     return run_head(unet, h)
