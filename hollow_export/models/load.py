@@ -11,10 +11,12 @@ Out: diffusers objects (a `StableDiffusionPipeline`, or just its
      prediction type before any work. A folder that cannot be loaded is one
      ModelError naming the folder and the missing file.
 
-`tiny` is the embedded default: a complete SD-shaped pipeline made from the
-configs in `models/tiny/` with a fixed seed, saved once in diffusers layout
-under the cache folder and then loaded like any user's model (so are
-`tiny-bk-small`/`tiny-bk-tiny`). `sd15`/`sd21`/`bk-sdm-*` are the real
+`tiny-toy` is the embedded default: the tiny SD-shaped pipeline pretrained on
+the toy world (`tools/pretrain_toy.py`), shipped in `models/tiny-toy/` as a
+diffusers folder, hash-checked and loaded like any user's model. `tiny` is the
+same architecture with random weights: made from the configs in `models/tiny/`
+with a fixed seed, saved once in diffusers layout under the cache folder and
+then loaded the same way (so are `tiny-bk-small`/`tiny-bk-tiny`); tests use it. `sd15`/`sd21`/`bk-sdm-*` are the real
 architectures with random weights (memory and FLOPs do not depend on weight
 values), built in memory for planning and benchmarks.
 """
@@ -30,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .registry import (BENCH_ARCHS, DEFAULT_ARCH, KNOWN_ARCHS, MATERIALIZED, SEED, ModelError, arch_config,
-                       check_arch, check_variant, config_digest)
+from .registry import (BENCH_ARCHS, DEFAULT_ARCH, KNOWN_ARCHS, MATERIALIZED, SEED, SHIPPED, ModelError,
+                       arch_config, check_arch, check_variant, config_digest, shipped_folder)
 
 
 def cache_dir() -> Path:
@@ -114,6 +116,8 @@ def resolve(model: str | None, arch: str | None) -> tuple[str, Path | None]:
             )
         return "local", folder
     arch = check_arch(arch or DEFAULT_ARCH, KNOWN_ARCHS)
+    if arch in SHIPPED:
+        return arch, shipped_folder(arch)
     return arch, (materialize(arch) if arch in MATERIALIZED else None)
 
 
@@ -150,7 +154,7 @@ def check_model_folder(folder: Path, variant: str | None, parts=("unet", "vae", 
 def scheduler_config(model: str | None, arch: str | None) -> dict:
     """The scheduler's config, read without loading any weights (to check it before any work)."""
     name, folder = resolve(model, arch)
-    if name != "local":
+    if folder is None or name in MATERIALIZED:
         return arch_config(name, "scheduler")
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.exists():
@@ -237,7 +241,8 @@ def load_unet(model: str | None = None, arch: str | None = None, meta: bool = Fa
 def model_identity(model: str | None, arch: str | None, variant: str | None = None) -> dict:
     """What a manifest or record says about where the weights came from (a local folder's variant too)."""
     name, folder = resolve(model, arch)
-    out = {"source": name, "path": str(folder) if folder else None, "seed": SEED if name != "local" else None}
+    out = {"source": name, "path": str(folder) if folder else None,
+           "seed": SEED if name not in ("local",) + SHIPPED else None}
     if name == "local" and variant is not None:
         out["variant"] = variant
     return out

@@ -4,7 +4,9 @@ In:  an architecture name (`ARCHS`, or the bench-only `mid`) and a pipeline part
      (`unet`, `vae`, `text_encoder`, `scheduler`).
 Out: the part's JSON config (from the repository's `models/` folder), a digest of the configs.
 
-`ARCHS` are what a user builds from (`--arch`). `MATERIALIZED` ones are complete small pipelines
+`ARCHS` are what a user builds from (`--arch`). `SHIPPED` ones are pretrained pipelines whose weights
+live in the repository (`models/tiny-toy`: the tiny architecture trained on the toy world by
+`tools/pretrain_toy.py`, the embedded default), checked against their `SHA256SUMS` on load. `MATERIALIZED` ones are complete small pipelines
 saved once and loaded like a user's folder (`tiny-bk-*`: BK-SDM-shaped U-Nets, no mid block, one
 layer per block; `-tiny` also drops the innermost stage); the others are published architectures
 with random weights, built in memory (`bk-sdm-*`: the U-Net configs of Nota-NetsPresso/BK-SDM
@@ -23,13 +25,16 @@ from ..errors import HollowError
 
 MODELS_DIR = Path(__file__).resolve().parent.parent.parent / "models"
 MATERIALIZED = ("tiny", "tiny-bk-small", "tiny-bk-tiny")
-ARCHS = MATERIALIZED + ("sd15", "sd21", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")
+SHIPPED = ("tiny-toy",)
+ARCHS = SHIPPED + MATERIALIZED + ("sd15", "sd21", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")
 BENCH_ARCHS = ("tiny", "mid", "sd15", "sd21")
 KNOWN_ARCHS = tuple(dict.fromkeys(ARCHS + BENCH_ARCHS))  # every name a config exists for
 VARIANTS = ("fp16",)
-DEFAULT_ARCH = "tiny"
+DEFAULT_ARCH = "tiny-toy"
 SEED = 0
 PARTS = ("unet", "vae", "text_encoder", "scheduler")
+SHIPPED_CONFIGS = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
+                   "scheduler": "scheduler/scheduler_config.json"}
 # bench-only architectures: (the config folder they start from, overrides of its U-Net config)
 DERIVED = {"mid": ("sd15", {"block_out_channels": [128, 256, 512, 512]})}
 
@@ -48,6 +53,8 @@ def check_arch(arch: str, allowed: tuple[str, ...] = KNOWN_ARCHS) -> str:
 def arch_config(arch: str, part: str) -> dict:
     """The JSON config of one pipeline part (`unet`, `vae`, `text_encoder`, `scheduler`)."""
     check_arch(arch)
+    if arch in SHIPPED:
+        return json.loads((MODELS_DIR / arch / SHIPPED_CONFIGS[part]).read_text())
     base, overrides = DERIVED.get(arch, (arch, {}))
     config = json.loads((MODELS_DIR / base / f"{part}.json").read_text())
     return {**config, **overrides} if part == "unet" else config
@@ -58,6 +65,23 @@ def check_variant(variant: str | None) -> str | None:
     if variant is not None and variant not in VARIANTS:
         raise ModelError(f"unknown --variant {variant!r}; choose one of {', '.join(VARIANTS)} (or leave it out)")
     return variant
+
+
+def shipped_folder(arch: str) -> Path:
+    """The repository folder of a SHIPPED pipeline, after checking every file against its SHA256SUMS."""
+    folder = MODELS_DIR / arch
+    sums = folder / "SHA256SUMS"
+    fix = f"restore it (git checkout -- models/{arch}) or retrain it with tools/pretrain_toy.py"
+    if not sums.exists():
+        raise ModelError(f"{folder}: missing SHA256SUMS; {fix}")
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        path = folder / name
+        if not path.exists():
+            raise ModelError(f"{path}: missing; {fix}")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise ModelError(f"{path}: sha256 differs from models/{arch}/SHA256SUMS; {fix}")
+    return folder
 
 
 def config_digest(arch: str) -> str:
