@@ -465,12 +465,20 @@ def profile_cmd(bundle_dir, device_name, target_runtime, merged_unet, timeout, o
 @main.command("demo-photos")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/photos", show_default=True,
               help="Folder for the photos (new or empty).")
-@click.option("--count", type=click.IntRange(1, 1000), default=5, show_default=True, help="How many photos.")
+@click.option("--count", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="How many photos (4-6 is what a user gives DreamBooth).")
+@click.option("--subject-seed", type=SEED, default=None,
+              help="Photos of toy-world subject N (models/tiny-toy's world) instead of the made-up ball; "
+                   "its prompts are printed.")
 @overwrite_option("demo-photos folder")
-def demo_photos(out, count, overwrite):
+def demo_photos(out, count, subject_seed, overwrite):
     """Write synthetic subject photos for a smoke run (no real data can be downloaded here)."""
-    from .demo import write_subject_photos
-    paths = write_subject_photos(Path(out), count, overwrite)
+    from .demo import subject_lines, write_subject_photos, write_world_photos
+    if subject_seed is None:
+        paths = write_subject_photos(Path(out), count, overwrite)
+    else:
+        paths = write_world_photos(Path(out), subject_seed, count, overwrite)
+        click.echo("\n".join(subject_lines(subject_seed)))
     click.echo(f"wrote {len(paths)} photos to {out}")
 
 
