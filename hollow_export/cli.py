@@ -249,13 +249,29 @@ def merge(bundle_dir, lora_file, model, out, overwrite, variant):
 @click.option("--reference", required=True, type=click.Path(), help="Folder of real photos of the subject.")
 @click.option("--prompts", required=True, type=click.Path(),
               help="JSON {image file: prompt}, or text with one prompt per line (natural file-name order).")
-@click.option("--clip", "clip_path", required=True, type=click.Path(), help="Local CLIP model folder.")
-@click.option("--dino", "dino_path", required=True, type=click.Path(), help="Local DINO ViT-S/16 (or DINOv2) folder.")
+@click.option("--judge", type=click.Choice(["dreambooth", "toy"]), default="dreambooth", show_default=True,
+              help="dreambooth: DINO, CLIP-I, CLIP-T (needs --clip and --dino); toy: the toy world's judge "
+                   "(models/toy-judge), for subjects of `demo-photos --subject-seed`.")
+@click.option("--clip", "clip_path", type=click.Path(), default=None, help="Local CLIP model folder (dreambooth).")
+@click.option("--dino", "dino_path", type=click.Path(), default=None,
+              help="Local DINO ViT-S/16 (or DINOv2) folder (dreambooth).")
 @click.option("--out", type=click.Path(dir_okay=False), default="runs/metrics.json", show_default=True,
               help="JSON file for the metrics.")
-def evaluate(generated, reference, prompts, clip_path, dino_path, out):
-    """DINO, CLIP-I and CLIP-T as in the DreamBooth protocol."""
-    from .evaluate import evaluate as run, metrics_table, write_result
+def evaluate(generated, reference, prompts, judge, clip_path, dino_path, out):
+    """DINO, CLIP-I and CLIP-T as in the DreamBooth protocol, or their toy-judge analogues (--judge toy)."""
+    from .evaluate import write_result
+    if judge == "toy":
+        if clip_path or dino_path:
+            raise click.UsageError("--clip/--dino are the DreamBooth judge's models; with --judge toy drop them")
+        from .toy.evaluate import evaluate_toy, toy_metrics_table
+        result = evaluate_toy(Path(generated), Path(reference), Path(prompts))
+        write_result(result, Path(out))
+        click.echo(toy_metrics_table(result))
+        return
+    if not clip_path or not dino_path:
+        raise click.UsageError("the DreamBooth judge needs --clip and --dino model folders "
+                               "(or use --judge toy for toy-world subjects)")
+    from .evaluate import evaluate as run, metrics_table
     result = run(Path(generated), Path(reference), Path(prompts), Path(clip_path), Path(dino_path))
     write_result(result, Path(out))
     click.echo(metrics_table(result))
