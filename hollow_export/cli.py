@@ -457,6 +457,48 @@ def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, 
     _bench_done(result, ort_text)
 
 
+def _numbers(csv: str, kind, what: str) -> list:
+    try:
+        return [kind(n) for n in (_names(csv) or [])]
+    except ValueError:
+        raise click.BadParameter(f"{csv!r} is not a comma-separated list of {what}")
+
+
+@bench.command("quality")
+@model_options
+@click.option("--subjects", default="0,1,2", show_default=True,
+              help="Toy-world subject seeds to personalize (demo-photos --subject-seed N).")
+@click.option("--seeds", default="0", show_default=True, help="Sampling seeds (each adds a cell per subject).")
+@click.option("--methods", default=",".join(("none", "lora", "hollowed_host", "hollowed_device")), show_default=True,
+              help="none, lora (plain LoRA, host), hollowed_host, hollowed_device (build -> device -> merge).")
+@click.option("--fraction", type=SHARE, default=0.4, show_default=True, help="Target hollowed parameter share.")
+@click.option("--sweep", default="", help="Extra fractions for the Hollowed Net on the host, e.g. 0.2,0.4,0.6.")
+@click.option("--steps", type=COUNT, default=150, show_default=True, help="Training steps per method.")
+@click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--rank", type=COUNT, default=4, show_default=True, help="LoRA rank.")
+@click.option("--samples", type=COUNT, default=40, show_default=True, help="Buffered samples (timesteps x photos).")
+@click.option("--photos", type=click.IntRange(3, 20), default=5, show_default=True, help="Reference photos per subject.")
+@click.option("--per-prompt", type=COUNT, default=2, show_default=True, help="Samples per novel-context prompt.")
+@click.option("--denoise-steps", type=COUNT, default=20, show_default=True, help="Sampling steps (PNDM).")
+@click.option("--guidance", type=NON_NEGATIVE, default=4.0, show_default=True, help="Classifier-free guidance.")
+@click.option("--threads", type=COUNT, default=None, help="Torch threads (default: this machine's cores).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Keep the intermediate folders (photos, LoRAs, bundles, merged models) here (new or empty).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
+              help="Folder for the result JSON, the bar chart and the contact sheet.")
+def bench_quality(model, arch, variant, subjects, seeds, methods, fraction, sweep, steps, lr, rank, samples, photos,
+                  per_prompt, denoise_steps, guidance, threads, workdir, out):
+    """Personalization quality on toy-world subjects: none / plain LoRA / Hollowed Net host / device path, toy judge."""
+    from .bench.quality import quality, quality_text
+    result = quality(_numbers(subjects, int, "subject seeds"), _numbers(seeds, int, "seeds"),
+                     _names(methods) or [], _numbers(sweep, float, "fractions"), model, arch, variant, steps=steps,
+                     lr=lr, rank=rank, samples=samples, fraction=fraction, photos=photos, per_prompt=per_prompt,
+                     denoise_steps=denoise_steps, guidance=guidance, out=Path(out),
+                     workdir=Path(workdir) if workdir else None, threads=threads, log=click.echo)
+    click.echo(quality_text(result))
+    click.echo(f"wrote {result['files']['json']}, {result['files']['png']} and {result['files']['sheet']}")
+
+
 @main.command("profile")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder from `build`.")
 @click.option("--device", "device_name", default="Samsung Galaxy S24 (Family)", show_default=True,
