@@ -17,6 +17,8 @@ from PIL import Image
 from hollow_export.cli import main
 from hollow_export.toy import world
 
+JUDGE = Path(__file__).resolve().parent.parent / "models" / "toy-judge"
+
 
 def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
@@ -34,7 +36,7 @@ def test_demo_photos_subject_seed_writes_the_worlds_photos_and_prints_the_prompt
     result = _cli("demo-photos", "--subject-seed", 3, "--count", 4, "--out", out)
     assert result.exit_code == 0, result.output
     sub = world.subject(3)
-    files = sorted(out.iterdir())
+    files = sorted(f for f in out.iterdir() if not f.name.startswith("."))  # store's hidden output marker aside
     assert [f.suffix for f in files] == [".png"] * 4  # photos only: a --images folder
     expected = [world.render(scene) for scene in world.subject_scenes(3, 4)]
     for path, pixels in zip(files, expected):
@@ -45,7 +47,7 @@ def test_demo_photos_subject_seed_writes_the_worlds_photos_and_prints_the_prompt
     # the same atomic rules as before: a second run needs --overwrite; the default count is 5
     assert _cli("demo-photos", "--subject-seed", 3, "--out", out).exit_code == 1
     assert _cli("demo-photos", "--subject-seed", 3, "--out", out, "--overwrite").exit_code == 0
-    assert len(list(out.iterdir())) == 5
+    assert len([f for f in out.iterdir() if not f.name.startswith(".")]) == 5
 
 
 def _toy_eval(tmp_path, name, generated, reference, prompts):
@@ -66,7 +68,7 @@ def test_evaluate_toy_judge_separates_subjects_and_reads_contexts(tmp_path):
     other = _toy_eval(tmp_path, "other", world.subject_photos(2, 5), reference, [sub2.instance_prompt] * 5)
     assert same["subject_object"] > other["subject_object"]
     assert same["subject_image"] > other["subject_image"]
-    assert same["judge"]["sha256"] == json.loads(Path(__file__).resolve().parent.parent / "models" / "toy-judge" / "config.json".read_text())["sha256"]
+    assert same["judge"]["sha256"] == json.loads((JUDGE / "config.json").read_text())["sha256"]
     assert same["n_generated"] == 5 and same["n_reference"] == 5
 
     # renders of subject 2 in every context, prompted with the context each really shows, then a wrong one
@@ -90,7 +92,7 @@ def test_evaluate_judge_options_are_checked(tmp_path):
     from hollow_export.toy.evaluate import load_judge
     bad = tmp_path / "judge"
     bad.mkdir()
-    src = Path(__file__).resolve().parent.parent / "models" / "toy-judge"
+    src = JUDGE
     (bad / "config.json").write_text((src / "config.json").read_text())
     weights = bytearray((src / "judge.safetensors").read_bytes())
     weights[-1] ^= 1
