@@ -249,13 +249,29 @@ def merge(bundle_dir, lora_file, model, out, overwrite, variant):
 @click.option("--reference", required=True, type=click.Path(), help="Folder of real photos of the subject.")
 @click.option("--prompts", required=True, type=click.Path(),
               help="JSON {image file: prompt}, or text with one prompt per line (natural file-name order).")
-@click.option("--clip", "clip_path", required=True, type=click.Path(), help="Local CLIP model folder.")
-@click.option("--dino", "dino_path", required=True, type=click.Path(), help="Local DINO ViT-S/16 (or DINOv2) folder.")
+@click.option("--judge", type=click.Choice(["dreambooth", "toy"]), default="dreambooth", show_default=True,
+              help="dreambooth: DINO, CLIP-I, CLIP-T (needs --clip and --dino); toy: the toy world's judge "
+                   "(models/toy-judge), for subjects of `demo-photos --subject-seed`.")
+@click.option("--clip", "clip_path", type=click.Path(), default=None, help="Local CLIP model folder (dreambooth).")
+@click.option("--dino", "dino_path", type=click.Path(), default=None,
+              help="Local DINO ViT-S/16 (or DINOv2) folder (dreambooth).")
 @click.option("--out", type=click.Path(dir_okay=False), default="runs/metrics.json", show_default=True,
               help="JSON file for the metrics.")
-def evaluate(generated, reference, prompts, clip_path, dino_path, out):
-    """DINO, CLIP-I and CLIP-T as in the DreamBooth protocol."""
-    from .evaluate import evaluate as run, metrics_table, write_result
+def evaluate(generated, reference, prompts, judge, clip_path, dino_path, out):
+    """DINO, CLIP-I and CLIP-T as in the DreamBooth protocol, or their toy-judge analogues (--judge toy)."""
+    from .evaluate import write_result
+    if judge == "toy":
+        if clip_path or dino_path:
+            raise click.UsageError("--clip/--dino are the DreamBooth judge's models; with --judge toy drop them")
+        from .toy.evaluate import evaluate_toy, toy_metrics_table
+        result = evaluate_toy(Path(generated), Path(reference), Path(prompts))
+        write_result(result, Path(out))
+        click.echo(toy_metrics_table(result))
+        return
+    if not clip_path or not dino_path:
+        raise click.UsageError("the DreamBooth judge needs --clip and --dino model folders "
+                               "(or use --judge toy for toy-world subjects)")
+    from .evaluate import evaluate as run, metrics_table
     result = run(Path(generated), Path(reference), Path(prompts), Path(clip_path), Path(dino_path))
     write_result(result, Path(out))
     click.echo(metrics_table(result))
@@ -441,6 +457,48 @@ def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, 
     _bench_done(result, ort_text)
 
 
+def _numbers(csv: str, kind, what: str) -> list:
+    try:
+        return [kind(n) for n in (_names(csv) or [])]
+    except ValueError:
+        raise click.BadParameter(f"{csv!r} is not a comma-separated list of {what}")
+
+
+@bench.command("quality")
+@model_options
+@click.option("--subjects", default="0,1,2", show_default=True,
+              help="Toy-world subject seeds to personalize (demo-photos --subject-seed N).")
+@click.option("--seeds", default="0", show_default=True, help="Sampling seeds (each adds a cell per subject).")
+@click.option("--methods", default=",".join(("none", "lora", "hollowed_host", "hollowed_device")), show_default=True,
+              help="none, lora (plain LoRA, host), hollowed_host, hollowed_device (build -> device -> merge).")
+@click.option("--fraction", type=SHARE, default=0.4, show_default=True, help="Target hollowed parameter share.")
+@click.option("--sweep", default="", help="Extra fractions for the Hollowed Net on the host, e.g. 0.2,0.4,0.6.")
+@click.option("--steps", type=COUNT, default=150, show_default=True, help="Training steps per method.")
+@click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--rank", type=COUNT, default=4, show_default=True, help="LoRA rank.")
+@click.option("--samples", type=COUNT, default=40, show_default=True, help="Buffered samples (timesteps x photos).")
+@click.option("--photos", type=click.IntRange(3, 20), default=5, show_default=True, help="Reference photos per subject.")
+@click.option("--per-prompt", type=COUNT, default=2, show_default=True, help="Samples per novel-context prompt.")
+@click.option("--denoise-steps", type=COUNT, default=20, show_default=True, help="Sampling steps (PNDM).")
+@click.option("--guidance", type=NON_NEGATIVE, default=4.0, show_default=True, help="Classifier-free guidance.")
+@click.option("--threads", type=COUNT, default=None, help="Torch threads (default: this machine's cores).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Keep the intermediate folders (photos, LoRAs, bundles, merged models) here (new or empty).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
+              help="Folder for the result JSON, the bar chart and the contact sheet.")
+def bench_quality(model, arch, variant, subjects, seeds, methods, fraction, sweep, steps, lr, rank, samples, photos,
+                  per_prompt, denoise_steps, guidance, threads, workdir, out):
+    """Personalization quality on toy-world subjects: none / plain LoRA / Hollowed Net host / device path, toy judge."""
+    from .bench.quality import quality, quality_text
+    result = quality(_numbers(subjects, int, "subject seeds"), _numbers(seeds, int, "seeds"),
+                     _names(methods) or [], _numbers(sweep, float, "fractions"), model, arch, variant, steps=steps,
+                     lr=lr, rank=rank, samples=samples, fraction=fraction, photos=photos, per_prompt=per_prompt,
+                     denoise_steps=denoise_steps, guidance=guidance, out=Path(out),
+                     workdir=Path(workdir) if workdir else None, threads=threads, log=click.echo)
+    click.echo(quality_text(result))
+    click.echo(f"wrote {result['files']['json']}, {result['files']['png']} and {result['files']['sheet']}")
+
+
 @main.command("profile")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(), help="Bundle folder from `build`.")
 @click.option("--device", "device_name", default="Samsung Galaxy S24 (Family)", show_default=True,
@@ -465,12 +523,20 @@ def profile_cmd(bundle_dir, device_name, target_runtime, merged_unet, timeout, o
 @main.command("demo-photos")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/photos", show_default=True,
               help="Folder for the photos (new or empty).")
-@click.option("--count", type=click.IntRange(1, 1000), default=5, show_default=True, help="How many photos.")
+@click.option("--count", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="How many photos (4-6 is what a user gives DreamBooth).")
+@click.option("--subject-seed", type=SEED, default=None,
+              help="Photos of toy-world subject N (models/tiny-toy's world) instead of the made-up ball; "
+                   "its prompts are printed.")
 @overwrite_option("demo-photos folder")
-def demo_photos(out, count, overwrite):
+def demo_photos(out, count, subject_seed, overwrite):
     """Write synthetic subject photos for a smoke run (no real data can be downloaded here)."""
-    from .demo import write_subject_photos
-    paths = write_subject_photos(Path(out), count, overwrite)
+    from .demo import subject_lines, write_subject_photos, write_world_photos
+    if subject_seed is None:
+        paths = write_subject_photos(Path(out), count, overwrite)
+    else:
+        paths = write_world_photos(Path(out), subject_seed, count, overwrite)
+        click.echo("\n".join(subject_lines(subject_seed)))
     click.echo(f"wrote {len(paths)} photos to {out}")
 
 

@@ -1,9 +1,13 @@
 """Synthetic subject photos for smoke runs on the embedded default (no data can be downloaded here).
 
-In:  a folder and a count (`write_subject_photos` writes the folder atomically).
+In:  a folder and a count (`write_subject_photos` writes the folder atomically), and optionally a
+     toy-world subject seed (`write_world_photos`).
 Out: PNG photos of one made-up subject (a striped ball on a textured floor)
      from different viewpoints, sizes and lighting: enough for the pipeline
      to have a consistent "instance" to learn, never a stand-in for real data.
+     With a subject seed: the toy world's photos of that subject (`toy.world.save_subject_photos`,
+     128 px, in its two photo contexts) and `subject_lines`, the prompts to use with them (printed,
+     never written beside the photos: a `--images` folder must hold photos only).
 """
 
 from __future__ import annotations
@@ -21,6 +25,29 @@ def write_subject_photos(out: Path, count: int = 5, overwrite: bool = False) -> 
     with store.atomic_dir(Path(out), "demo-photos", overwrite) as tmp:
         names = [path.name for path in subject_photos(tmp, count)]
     return [Path(out) / name for name in names]
+
+
+def write_world_photos(out: Path, seed: int, count: int = 5, overwrite: bool = False) -> list[Path]:
+    """`hollow-export demo-photos --subject-seed N`: toy-world subject N's photos as one folder (same
+    atomic rules as `write_subject_photos`); returns their final paths."""
+    from .toy import world
+
+    with store.atomic_dir(Path(out), "demo-photos", overwrite) as tmp:
+        names = [Path(path).name for path in world.save_subject_photos(seed, tmp, count)]
+    return [Path(out) / name for name in names]
+
+
+def subject_lines(seed: int) -> list[str]:
+    """What a user needs to personalize toy-world subject `seed`: what it is, its prompts, its contexts."""
+    from .toy import world
+
+    sub = world.subject(seed)
+    novel = [world.instance_prompt(sub.cls, c) for c in sub.novel_contexts]
+    return [f"subject {seed}: {sub.description}",
+            f"  instance prompt: {sub.instance_prompt!r}   class prompt: {sub.class_prompt!r}",
+            f"  photo contexts: {', '.join(sub.photo_contexts)}",
+            f"  novel contexts: {', '.join(sub.novel_contexts)} (never in the photos; test prompts: "
+            + "; ".join(repr(p) for p in novel) + ")"]
 
 
 def subject_photos(out: Path, count: int = 5, size: int = 256, seed: int = 0) -> list[Path]:

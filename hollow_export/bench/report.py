@@ -58,11 +58,12 @@ def save_figure(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def write_outputs(result: dict, out: Path, stem: str, plot_fn) -> dict:
-    """`<stem>.json` (the result, with a `files` entry) and `<stem>.png` (its plot) in `out`."""
+def write_outputs(result: dict, out: Path, stem: str, plot_fn, extra: dict | None = None) -> dict:
+    """`<stem>.json` (the result, with a `files` entry: these two and the `extra` files written beside
+    them) and `<stem>.png` (its plot) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
-    result["files"] = {"json": str(json_path), "png": str(png_path)}
+    result["files"] = {"json": str(json_path), "png": str(png_path), **(extra or {})}
     store.write_json(json_path, result)
     plot_fn(result, png_path)
     return result
