@@ -119,8 +119,10 @@ def variant_option(default_text="the plain weight files"):
 def model_options(f):
     f = variant_option()(f)
     f = click.option("--arch", type=click.Choice(ARCHS), default=None,
-                     help="Built-in architecture: tiny (default), tiny-bk-small/tiny-bk-tiny (small BK-SDM-shaped "
-                          "pipelines), or random weights for sd15, sd21, bk-sdm-base/small/tiny.")(f)
+                     help="Built-in architecture: tiny-toy (default: the tiny pipeline pretrained on the toy world, "
+                          "models/tiny-toy), tiny (the same architecture, random weights), tiny-bk-small/"
+                          "tiny-bk-tiny (small BK-SDM-shaped pipelines), or random weights for sd15, sd21, "
+                          "bk-sdm-base/small/tiny.")(f)
     f = click.option("--model", type=click.Path(), default=None,
                      help="Local diffusers Stable Diffusion folder (loaded with from_pretrained, local files only).")(f)
     return f
