@@ -18,14 +18,10 @@ computation stays fp32 on weights rounded once to fp16. Two things would undo th
     The forward Cast has only the initializer as input, so the session must run with constant folding
     off (`bundle.training_session()`, applied by both clients).
   - A Cast output read by both forward and backward nodes lives from the forward to the backward: all
-    fp32 weights at once; and a Cast with only a weight as input is ready at the start of the step, so ORT
-    runs it there and holds its fp32 output until the reader runs (measured: 0.97 GB of fp32 weights alive
-    early in the sd21 step). So every reader gets its own Cast, gated (Concat of the flat weight with an
-    EMPTY slice of a gate tensor: exact, no arithmetic): a forward reader's on the activation it reads (of
-    its own reader for a Transpose(W)), a backward reader's on a tensor that exists only once the backward
-    is under way. Common-subexpression elimination cannot merge the copies (other inputs), and no
-    execution order can run one before its reader is nearly ready. Only a forward reader fed by weights and
-    graph inputs alone (e.g. a key projection of the prompt) keeps one plain shared Cast.
+    fp32 weights at once. So forward readers share one Cast per weight, and each backward reader gets its
+    own Cast, gated on a backward tensor of that reader (Concat of the flat weight with an EMPTY slice of
+    the backward tensor: exact, no arithmetic) so that common-subexpression elimination cannot merge it
+    with the forward Cast and no execution order can run it before the backward.
 
 Torch-free (onnx and numpy only); the writer never builds a protobuf holding weights.
 """
@@ -98,8 +94,8 @@ def external_initializer(entry: dict, location: str) -> TensorProto:
 def attach_frozen(model: onnx.ModelProto, table: list[dict], location: str = FROZEN_DATA) -> int:
     """Replace the graph inputs named in `table` by initializers stored in `location`, in place.
 
-    For float16 entries, fp32 Casts are inserted as the module docstring explains (one gated Cast per
-    reader; one plain shared Cast for forward readers of weights and graph inputs only).
+    For float16 entries, fp32 Casts are inserted as the module docstring explains (training graphs: one
+    shared forward Cast and one gated Cast per backward reader; graphs without a backward: one Cast).
     Returns how many inputs became initializers. Refuses an entry whose shape differs from the input's.
     """
     graph = model.graph
@@ -137,35 +133,32 @@ def _insert_casts(graph: onnx.GraphProto, names: list[str], dims: dict) -> None:
     for k, n in enumerate(nodes):
         for i in n.input:
             readers[i].append(k)
-    late = _gradient_dependent(nodes, producer, forward) if backward_exists else set()
     graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), f"{PREFIX}/flat"),
                               numpy_helper.from_array(np.array([0], np.int64), f"{PREFIX}/zero")])
     added = []
     for w in names:
         tag = f"{PREFIX}/{w}"
-        graph.initializer.append(numpy_helper.from_array(np.array(dims[w], np.int64), tag + "/shape"))
-        shared = None
-        for j, k in enumerate(readers[w]):
+        fwd = [k for k in readers[w] if k in forward]
+        bwd = [k for k in readers[w] if k not in forward]
+        if fwd:
+            added.append(helper.make_node("Cast", [w], [tag + "/f32"], name=tag + "/cast", to=TensorProto.FLOAT))
+            for k in fwd:
+                _rename_input(nodes[k], w, tag + "/f32")
+        if bwd:
+            graph.initializer.append(numpy_helper.from_array(np.array(dims[w], np.int64), tag + "/shape"))
+        for j, k in enumerate(bwd):
             reader = nodes[k]
-            if k in forward:
-                gate = _activation_input(nodes, producer, readers, forward, k)
-            else:
-                gate = next((i for i in reader.input if i in late), None)
-                if gate is None:
-                    raise FrozenError(f"backward node {reader.name!r} reads frozen weight {w} but no tensor of the "
-                                      "backward pass to gate its Cast on")
-            if gate is None:  # a forward reader fed by weights and graph inputs only: one plain shared Cast
-                if shared is None:
-                    shared = tag + "/f32"
-                    added.append(helper.make_node("Cast", [w], [shared], name=tag + "/cast", to=TensorProto.FLOAT))
-                _rename_input(reader, w, shared)
-                continue
-            t = f"{tag}/{'f' if k in forward else 'b'}{j}"
+            gate = next((i for i in reader.input if i in producer and producer[i] not in forward), None)
+            if gate is None:
+                raise FrozenError(f"backward node {reader.name!r} reads frozen weight {w} but no backward tensor "
+                                  "to gate its Cast on")
+            t = f"{tag}/b{j}"
             added += [
                 helper.make_node("Reshape", [gate, f"{PREFIX}/flat"], [t + "/g"], name=t + "/g"),
                 helper.make_node("Slice", [t + "/g", f"{PREFIX}/zero", f"{PREFIX}/zero"], [t + "/empty"],
                                  name=t + "/empty"),
-                helper.make_node("CastLike", [t + "/empty", w], [t + "/empty16"], name=t + "/empty16"),
+                helper.make_node("Cast", [t + "/empty"], [t + "/empty16"], name=t + "/empty16",
+                                 to=TensorProto.FLOAT16),
                 helper.make_node("Reshape", [w, f"{PREFIX}/flat"], [t + "/w"], name=t + "/w"),
                 helper.make_node("Concat", [t + "/w", t + "/empty16"], [t + "/wg"], name=t + "/wg", axis=0),
                 helper.make_node("Cast", [t + "/wg"], [t + "/wf"], name=t + "/cast", to=TensorProto.FLOAT),
@@ -173,50 +166,6 @@ def _insert_casts(graph: onnx.GraphProto, names: list[str], dims: dict) -> None:
             ]
             _rename_input(reader, w, t + "/f32")
     graph.node.extend(added)
-
-
-def _gradient_dependent(nodes, producer: dict, forward: set[int]) -> set[str]:
-    """Tensors that exist only once the backward is under way: made by a backward node from a `*_grad` tensor
-    (or from such a tensor, transitively). A backward node that only reads forward tensors (a Shape, say)
-    can run during the forward, so it is no gate."""
-    late: set[str] = set()
-    grown = True
-    while grown:  # one pass for a topologically ordered graph; more where rewrites appended nodes
-        size = len(late)
-        for k, n in enumerate(nodes):
-            if k not in forward and any(i.endswith("_grad") or i in late for i in n.input):
-                late.update(o for o in n.output if o)
-        grown = len(late) > size
-    return late
-
-
-def _activation_input(nodes, producer: dict, readers, forward: set[int], k: int, depth: int = 3,
-                      below: set | None = None) -> str | None:
-    """A forward activation that forward node k (or, if it reads only weights, e.g. Transpose(W), its first
-    forward reader) consumes: the Cast of a weight waits for it, so it runs right before its reader rather
-    than at the start of the step, where ORT's order would put an input-free Cast and hold its fp32 copy.
-    `below`: tensors made from the weight's own chain, never a gate (that would be a cycle)."""
-    below = below or set()
-    for i in nodes[k].input:
-        if i in producer and producer[i] in forward and nodes[producer[i]].op_type != "Constant" and i not in below:
-            return i
-    if depth == 0:
-        return None
-    below = below | _descendants(nodes, readers, forward, [o for o in nodes[k].output if o])
-    nxt = [r for o in nodes[k].output for r in readers[o] if r in forward]
-    return _activation_input(nodes, producer, readers, forward, nxt[0], depth - 1, below) if nxt else None
-
-
-def _descendants(nodes, readers, forward: set[int], tensors: list[str]) -> set[str]:
-    seen, stack = set(tensors), list(tensors)
-    while stack:
-        for r in readers[stack.pop()]:
-            if r in forward:
-                for o in nodes[r].output:
-                    if o and o not in seen:
-                        seen.add(o)
-                        stack.append(o)
-    return seen
 
 
 def _rename_input(node: onnx.NodeProto, old: str, new: str) -> None:
