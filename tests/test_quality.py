@@ -126,7 +126,8 @@ def test_bench_quality_smoke_every_method_and_the_device_lora_is_in_the_merged_u
     # The device path's LoRA is really fused into the merged U-Net: pick one trained pair, fuse it by hand.
     lora = load_file(str(work / "subject0" / "hollowed_device" / "lora" / "lora.safetensors"))
     name = next(k for k in sorted(lora) if k.endswith("to_q.lora_B.weight") and np.abs(lora[k]).max() > 0)
-    base = load_unet(arch="tiny").state_dict()[name.replace(".lora_B.weight", ".weight")].numpy()
+    # the embedded default, which quality() personalized
+    base = load_unet().state_dict()[name.replace(".lora_B.weight", ".weight")].numpy()
     fused = base + lora[name] @ lora[name.replace("lora_B", "lora_A")]  # alpha = rank: scale 1
     graph = onnx.load(str(work / "subject0" / "hollowed_device" / "merged" / "single" / "unet" / "model.onnx"))
     arrays = [numpy_helper.to_array(t) for t in graph.graph.initializer]
