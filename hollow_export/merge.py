@@ -36,7 +36,7 @@ from . import store
 from .bundle import PRECOMPUTE, Bundle
 from .device.export import LORA_FORMAT, LORA_RECORD
 from .errors import HollowError
-from .export.onnx import export_inference
+from .export.onnx import export_inference, quiet_tracing
 from .hollow import lora as lora_mod
 from .hollow.plan import HollowPlan
 from .hollow.split import HollowedNet, unet_forward
@@ -129,7 +129,7 @@ def merge(pipe, bundle_dir: Path, lora_file: Path, out: Path, overwrite: bool = 
     state = read_returned_lora(bundle, lora_file)
     lora_mod.check_fits(pipe.unet, state)
     prompts = manifest["prompts"]
-    with store.atomic_dir(Path(out), "merge", overwrite) as tmp:
+    with store.atomic_dir(Path(out), "merge", overwrite) as tmp, quiet_tracing():
         fuse(pipe, state, plan, tmp)
         record = {"method": "hollowed", "instance_prompt": prompts["instance"], "class_prompt": prompts["class"],
                   "plan": manifest["plan"], "lora_file": lora_mod.LORA_FILE,

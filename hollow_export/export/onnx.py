@@ -10,7 +10,9 @@ Out: `export_inference(...)` -> an ONNX inference graph (legacy exporter, opset 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 import tempfile
 from pathlib import Path
 
@@ -98,6 +100,16 @@ def param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+@contextlib.contextmanager
+def quiet_tracing():
+    """Tracing diffusers' shape asserts and strided slices warns; expected, and no help to the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        yield
+
+
 def export_inference(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes,
                      data_suffix: str = ".data") -> None:
     """Plain ONNX inference graph at `path`, replacing any older one; weights in `<name><data_suffix>`
@@ -108,7 +120,7 @@ def export_inference(module: nn.Module, args: tuple, path: Path, input_names, ou
     if param_bytes(module) > EXTERNAL_DATA_THRESHOLD:
         export_streamed(module, args, path, input_names, output_names, dynamic_axes, data_suffix)
         return
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad():
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad(), quiet_tracing():
         raw = Path(scratch) / path.name
         torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=OPSET, input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
@@ -134,7 +146,7 @@ def export_streamed(module: nn.Module, args: tuple, path: Path, input_names, out
     """
     path = Path(path)
     tensors = {**dict(module.named_buffers()), **dict(module.named_parameters())}
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad():
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad(), quiet_tracing():
         raw = Path(scratch) / path.name
         torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=OPSET, input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=False,
