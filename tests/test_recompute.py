@@ -44,6 +44,43 @@ def _softmax_reads_in_backward(model):
     return [(n.name, i) for n in g.node if n.name not in fwd for i in n.input if i in p]
 
 
+def _chunks_run_their_backward_in_turn(model, forward_softmax):
+    """Independent inspection: for query chunks sharing the keys (same scores-MatMul B input), the
+    recomputed P of chunk j depends on chunk j-1's SoftmaxGrad, so no order runs two chunks' backward at
+    once. Returns how many consecutive chunk pairs were checked."""
+    g = model.graph
+    prod = {o: n for n in g.node for o in n.output}
+    readers = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def ancestors(name):
+        seen, stack = set(), [name]
+        while stack:
+            t = stack.pop()
+            n = prod.get(t)
+            if n is None or n.name in seen:
+                continue
+            seen.add(n.name)
+            stack += list(n.input)
+        return seen
+
+    groups = {}
+    for sm in forward_softmax:  # graph order: chunk 0 first
+        groups.setdefault(prod[sm.input[0]].input[1], []).append(sm)
+    pairs = 0
+    for chunks in groups.values():
+        for before, after in zip(chunks, chunks[1:]):
+            copy_before, copy = (next(n for n in g.node if n.op_type == "Softmax" and n.name.startswith("recompute/")
+                                      and n.name.endswith(sm.name.strip("/") + "/P")) for sm in (before, after))
+            grad = next(r for r in readers[copy_before.output[0]] if r.op_type.startswith("SoftmaxGrad"))
+            assert grad.name in ancestors(copy.output[0]), (before.name, after.name)
+            assert copy.name not in ancestors(grad.output[0])  # and not the other way round
+            pairs += 1
+    return pairs
+
+
 def _rewritten_copy(src, dst):
     shutil.copytree(src, dst)
     model = onnx.load(str(dst / fmt.TRAINING_MODEL))
@@ -74,6 +111,7 @@ def test_chunked_export_is_recognised_and_trains_like_unchunked(plain, tmp_path)
     forward_softmax = [n for n in model.graph.node if n.op_type == "Softmax" and not n.name.startswith("recompute/")]
     assert len(forward_softmax) > unchunked  # 256-token attentions became 4 chunks
     assert _softmax_reads_in_backward(model) == []
+    assert _chunks_run_their_backward_in_turn(model, forward_softmax) > 0
     ref_losses, ref_lora = ort_steps(plain, steps=3)
     losses, lora = ort_steps(folder, steps=3)
     worst = max(float(np.abs(lora[n] - ref_lora[n]).max()) for n in ref_lora)
