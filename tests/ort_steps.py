@@ -49,3 +49,37 @@ def _shapes(folder):
     for item in manifest["graphs"][fmt.TRAINING_MODEL]["inputs"]:
         out[item["name"]] = [1 if isinstance(d, str) else d for d in item["shape"]]
     return out
+
+
+def build_tiny(folder, settings):
+    """A bundle of the random-weight tiny pipeline (depth 3, LoRA r=4) with `settings`."""
+    from hollow_export.export.build import build
+    from hollow_export.hollow.plan import LoraSpec, make_plan
+    from hollow_export.models.load import load_pipeline
+
+    pipe = load_pipeline(arch="tiny")
+    plan = make_plan(pipe.unet, depth=3, lora=LoraSpec(rank=4, alpha=8.0))
+    build(pipe, plan, folder, "a sks dog", "a dog", settings, {"source": "tiny"})
+    return folder
+
+
+def forward_names(graph):
+    """Independent of the package: names of the nodes the loss (first output) depends on, the forward."""
+    prod = {o: n for n in graph.node for o in n.output}
+    fwd, stack = set(), [prod[graph.output[0].name]]
+    while stack:
+        n = stack.pop()
+        if n.name in fwd:
+            continue
+        fwd.add(n.name)
+        stack += [prod[i] for i in n.input if i in prod]
+    return fwd
+
+
+def assert_trains_identically(folder, reference, steps=4):
+    """Losses and LoRA after `steps` ORT steps of `folder` equal `reference`'s bit for bit (tolerance 0)."""
+    ref_losses, ref_lora = ort_steps(reference, steps=steps)
+    losses, lora = ort_steps(folder, steps=steps)
+    np.testing.assert_array_equal(losses, ref_losses)
+    for name in ref_lora:
+        np.testing.assert_array_equal(lora[name], ref_lora[name], err_msg=name)

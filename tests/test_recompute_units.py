@@ -4,27 +4,20 @@ read of a unit-internal activation is left; refusals."""
 import collections
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 
 from hollow_export import bundle as fmt
-from hollow_export.export.build import BuildSettings, build
+from hollow_export.export.build import BuildSettings
 from hollow_export.export.recompute import RecomputeError
 from hollow_export.export.recompute_units import recompute_units
-from hollow_export.hollow.plan import LoraSpec, make_plan
-from hollow_export.models.load import load_pipeline
 
-from ort_steps import ort_steps
+from ort_steps import assert_trains_identically, build_tiny, forward_names
 
 PLAIN = BuildSettings(lr=1e-3, recompute_units=False)  # every other lever on, as the bundle is built
 
 
-def _build(folder, settings):
-    pipe = load_pipeline(arch="tiny")
-    plan = make_plan(pipe.unet, depth=3, lora=LoraSpec(rank=4, alpha=8.0))
-    build(pipe, plan, folder, "a sks dog", "a dog", settings, {"source": "tiny"})
-    return folder
+_build = build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +31,7 @@ def _held_unit_activations(model):
     activation (so not a weight-only tensor such as a cross-attention key of the prompt)."""
     g = model.graph
     prod = {o: n for n in g.node for o in n.output}
-    fwd, stack = set(), [prod[g.output[0].name]]
-    while stack:
-        n = stack.pop()
-        if n.name in fwd:
-            continue
-        fwd.add(n.name)
-        stack += [prod[i] for i in n.input if i in prod]
+    fwd = forward_names(g)
 
     def unit(n):
         return n.name.split("/")[1] if n.name.startswith("/unit_scopes.") else None
@@ -90,12 +77,8 @@ def test_unit_recompute_trains_exactly_like_the_plain_graph(plain, tmp_path):
     assert len(holding) > 5
     assert _held_unit_activations(model) == []
     onnx.save(model, str(tmp_path / "units" / fmt.TRAINING_MODEL))
-    ref_losses, ref_lora = ort_steps(plain, steps=4)
-    losses, lora = ort_steps(tmp_path / "units", steps=4)
     # measured bit-identical on ORT 1.19.2 CPU (the copies run the same kernels on the same bits): tolerance 0
-    np.testing.assert_array_equal(losses, ref_losses)
-    for name in ref_lora:
-        np.testing.assert_array_equal(lora[name], ref_lora[name], err_msg=name)
+    assert_trains_identically(tmp_path / "units", plain, steps=4)
 
 
 def test_built_bundle_has_the_units_rewritten(plain, tmp_path):
