@@ -169,12 +169,10 @@ def recompute_attention(model: onnx.ModelProto) -> int:
             d_out = _chain_after(t, d_out, previous[b], [c for c in consumers[d_out] if c not in forward],
                                  nodes, added)
         previous[b] = chain
+        gate, zero = zero_after(t + "/gate", [d_out])
         added += [
-            helper.make_node("Reshape", [d_out, f"{PREFIX}/flat"], [t + "/dO_flat"], name=t + "/dO_flat"),
-            helper.make_node("Slice", [t + "/dO_flat", f"{PREFIX}/start", f"{PREFIX}/end"], [t + "/dO_one"],
-                             name=t + "/dO_one"),
-            helper.make_node("Mul", [t + "/dO_one", f"{PREFIX}/zero"], [t + "/gate"], name=t + "/gate"),
-            helper.make_node("Add", [q, t + "/gate"], [t + "/Q"], name=t + "/Q"),
+            *gate,
+            helper.make_node("Add", [q, zero], [t + "/Q"], name=t + "/Q"),
             helper.make_node("Mul", [t + "/Q", c] if k == 0 else [c, t + "/Q"], [t + "/A"], name=t + "/A"),
             helper.make_node("MatMul", [t + "/A", b], [t + "/S"], name=t + "/S"),
             helper.make_node("Softmax", [t + "/S"], [t + "/P"], name=t + "/P", axis=-1),
@@ -200,25 +198,33 @@ def _chain_after(t: str, d_out: str, after: list[str], d_out_readers: list[int],
     """dO of this query chunk, made to wait for the previous chunk's backward: dO + 0 * (one element of each
     tensor in `after`); every backward reader of dO reads it. ORT would otherwise start every chunk's
     backward at once (their dO all come from one split), holding every chunk's P, dP and dS together."""
-    terms = []
-    for i, x in enumerate(after):
-        added += [helper.make_node("Reshape", [x, f"{PREFIX}/flat"], [f"{t}/after{i}/flat"], name=f"{t}/after{i}/flat"),
-                  helper.make_node("Slice", [f"{t}/after{i}/flat", f"{PREFIX}/start", f"{PREFIX}/end"],
-                                   [f"{t}/after{i}/one"], name=f"{t}/after{i}/one"),
-                  helper.make_node("Mul", [f"{t}/after{i}/one", f"{PREFIX}/zero"], [f"{t}/after{i}/z"],
-                                   name=f"{t}/after{i}/z")]
-        terms.append(f"{t}/after{i}/z")
-    z = terms[0]
-    for i, term in enumerate(terms[1:]):
-        added.append(helper.make_node("Add", [z, term], [f"{t}/after/sum{i}"], name=f"{t}/after/sum{i}"))
-        z = f"{t}/after/sum{i}"
+    wait, zero = zero_after(t + "/after", after)
     chained = f"{t}/dO_chained"
-    added.append(helper.make_node("Add", [d_out, z], [chained], name=chained))
+    added += [*wait, helper.make_node("Add", [d_out, zero], [chained], name=chained)]
     for c in d_out_readers:
         for i, name in enumerate(nodes[c].input):
             if name == d_out:
                 nodes[c].input[i] = chained
     return chained
+
+
+def zero_after(tag: str, tensors: list[str], prefix: str = PREFIX) -> tuple[list, str]:
+    """The gate: nodes making a [1] float 0 that exists only once every tensor in `tensors` does, the sum
+    over them of Mul(Slice(Reshape(x, [-1]), 0, 1), 0.0); returns (nodes, the zero's name). Needs the
+    `prefix`/flat, /start, /end, /zero initializers. x + zero == x bit for bit when every x is finite."""
+    nodes, terms = [], []
+    for j, x in enumerate(tensors):
+        t = f"{tag}/{j}"
+        nodes += [helper.make_node("Reshape", [x, f"{prefix}/flat"], [t + "/flat"], name=t + "/flat"),
+                  helper.make_node("Slice", [t + "/flat", f"{prefix}/start", f"{prefix}/end"], [t + "/one"],
+                                   name=t + "/one"),
+                  helper.make_node("Mul", [t + "/one", f"{prefix}/zero"], [t + "/z"], name=t + "/z")]
+        terms.append(t + "/z")
+    zero = terms[0]
+    for j, term in enumerate(terms[1:]):
+        nodes.append(helper.make_node("Add", [zero, term], [f"{tag}/sum{j}"], name=f"{tag}/sum{j}"))
+        zero = f"{tag}/sum{j}"
+    return nodes, zero
 
 
 def _is_scalar_constant(scalars: set, producer, nodes, name: str) -> bool:

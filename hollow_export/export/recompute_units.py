@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .recompute import RecomputeError, forward_nodes
+from .recompute import RecomputeError, forward_nodes, zero_after
 
 PREFIX = "recompute_units"
 SCOPE = re.compile(r"^/unit_scopes\.(\d+)/")
@@ -132,7 +132,7 @@ def recompute_units(model: onnx.ModelProto) -> int:
         needed = _ancestors_inside(nodes, producer, inside, saved)
         tag = f"{PREFIX}/{u}"
         after = next((params[j] for j in sorted(members) if j > u and params[j]), [])
-        gate = _gate_nodes(tag, [d_out] + [p + "_grad" for p in after])
+        gate, zero = zero_after(f"{tag}/wait", [d_out] + [p + "_grad" for p in after], PREFIX)
         renamed: dict[str, str] = {}
         copies = []
         for k in sorted(needed):
@@ -144,7 +144,7 @@ def recompute_units(model: onnx.ModelProto) -> int:
                 elif i in producer and producer[i] in forward and producer[i] not in inside \
                         and nodes[producer[i]].op_type != "Constant":
                     renamed[i] = f"{tag}/in/{i}"
-                    gate += [helper.make_node("CastLike", [f"{tag}/z", i], [f"{tag}/z/{i}"], name=f"{tag}/z/{i}"),
+                    gate += [helper.make_node("CastLike", [zero, i], [f"{tag}/z/{i}"], name=f"{tag}/z/{i}"),
                              helper.make_node("Add", [i, f"{tag}/z/{i}"], [renamed[i]], name=renamed[i])]
                     inputs.append(renamed[i])
                 else:
@@ -214,25 +214,6 @@ def read_weights_untransposed(graph: onnx.GraphProto) -> int:
             node.input[j] = transpose.input[0]
             changed += 1
     return changed
-
-
-def _gate_nodes(tag: str, waits: list[str]) -> list:
-    """z = the sum of one element of each tensor in `waits` times zero: a [1] float tensor of 0 that exists
-    only once all of them do (dY, and the weight gradients of the unit after this one in the forward)."""
-    made, terms = [], []
-    for j, x in enumerate(waits):
-        t = f"{tag}/wait{j}"
-        made += [helper.make_node("Reshape", [x, f"{PREFIX}/flat"], [t + "/flat"], name=t + "/flat"),
-                 helper.make_node("Slice", [t + "/flat", f"{PREFIX}/start", f"{PREFIX}/end"], [t + "/one"],
-                                  name=t + "/one"),
-                 helper.make_node("Mul", [t + "/one", f"{PREFIX}/zero"], [t + "/z"], name=t + "/z")]
-        terms.append(t + "/z")
-    z = terms[0]
-    for j, term in enumerate(terms[1:]):
-        made.append(helper.make_node("Add", [z, term], [f"{tag}/sum{j}"], name=f"{tag}/sum{j}"))
-        z = f"{tag}/sum{j}"
-    made.append(helper.make_node("Identity", [z], [f"{tag}/z"], name=f"{tag}/z"))
-    return made
 
 
 def _ancestors_inside(nodes, producer: dict, inside: set[int], tensors: list[str]) -> set[int]:
