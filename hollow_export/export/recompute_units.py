@@ -250,29 +250,9 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
             if waiting[j] == 0:
                 heapq.heappush(ready, j)
     if len(order) != len(nodes):
-        stuck = next(n.name for k, n in enumerate(nodes) if k not in set(order))
+        done = set(order)
+        stuck = next(n.name for k, n in enumerate(nodes) if k not in done)
         raise RecomputeError(f"the unit recompute would make a cycle in the training graph (at node {stuck!r}); "
                              "this graph's backward reads a unit's activation before the unit's output gradient")
     del graph.node[:]
     graph.node.extend(nodes[k] for k in order)
-
-
-def backward_unit_reads(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """(backward node, tensor) pairs where a backward node reads an activation made inside a unit that does not
-    leave it (what the rewrite removes)."""
-    graph = model.graph
-    forward = forward_nodes(graph)
-    unit = unit_of_nodes(graph, forward)
-    nodes = graph.node
-    readers = collections.defaultdict(list)
-    for k, n in enumerate(nodes):
-        for i in n.input:
-            readers[i].append(k)
-    graph_outputs = {o.name for o in graph.output}
-    pairs = []
-    for k, u in unit.items():
-        for o in nodes[k].output:
-            if not o or o in graph_outputs or any(r in forward and unit.get(r) != u for r in readers[o]):
-                continue
-            pairs += [(nodes[r].name, o) for r in readers[o] if r not in forward]
-    return pairs
