@@ -72,6 +72,14 @@ def test_variant_the_folder_lacks_says_to_leave_it_out():
         load_unet(str(folder), variant="fp16")
 
 
+def test_variant_with_a_registry_architecture_is_refused_not_ignored(tmp_path):
+    res = CliRunner().invoke(main, ["build", "--arch", "tiny", "--variant", "fp16", "--out", str(tmp_path / "b")])
+    _one_line_error(res, "--variant fp16", "tiny", "leave out --variant")
+    assert not (tmp_path / "b").exists()
+    res = CliRunner().invoke(main, ["plan", "--variant", "fp16", "--depth", "1"])  # the embedded default
+    _one_line_error(res, "--variant fp16", "tiny-toy", "leave out --variant")
+
+
 def test_refused_prediction_type_before_any_work(fp16_folder, tmp_path):
     import shutil
     folder = tmp_path / "sample-pred"

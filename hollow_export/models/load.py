@@ -194,14 +194,20 @@ def _from_pretrained(cls, folder: Path, variant: str | None, **kwargs):
         diffusers_logging.enable_progress_bar()
 
 
+def _plain_registry(name: str, variant: str | None) -> None:
+    """The registry's pipelines are saved plain: a `--variant` with one of them is a ModelError, not ignored."""
+    if name != "local" and variant is not None:
+        raise ModelError(f"--variant {variant} applies to a --model folder; {name} is a registry architecture "
+                         "saved without variants: leave out --variant")
+
+
 def load_pipeline(model: str | None = None, arch: str | None = None, variant: str | None = None):
     """A `StableDiffusionPipeline` (fp32, CPU, eval mode) from a folder (its weight `variant`, if saved
     as one) or an architecture name."""
     from diffusers import StableDiffusionPipeline
 
     name, folder = resolve(model, arch)
-    if name != "local":
-        variant = None  # the registry's folders are saved plain
+    _plain_registry(name, variant)
     if folder is not None:
         check_model_folder(folder, variant)
         pipe = _from_pretrained(StableDiffusionPipeline, folder, variant, safety_checker=None,
@@ -221,8 +227,7 @@ def load_unet(model: str | None = None, arch: str | None = None, meta: bool = Fa
     from diffusers import UNet2DConditionModel
 
     name, folder = resolve(model, arch)
-    if name != "local":
-        variant = None
+    _plain_registry(name, variant)
     check_variant(variant)
     if folder is not None and not meta:
         check_model_folder(folder, variant, parts=("unet",))
