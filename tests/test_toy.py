@@ -113,3 +113,24 @@ def test_shipped_pipeline_is_the_default_loads_via_from_pretrained_and_matches_i
     monkeypatch.setattr(registry, "MODELS_DIR", copy)
     with pytest.raises(registry.ModelError, match="diffusion_pytorch_model.safetensors: sha256 differs"):
         load.load_pipeline(arch="tiny-toy")
+
+
+def test_world_words_are_whole_tokens_and_other_text_falls_back_to_bytes(tmp_path):
+    """The tokenizer the pretraining builds: each world word one token, everything else CLIP's byte pieces."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    from hollow_export.models import load
+
+    words = load._clip_byte_tokenizer(tmp_path / "words", world.WORDS)
+    plain = load._clip_byte_tokenizer(tmp_path / "plain")
+    for word in world.WORDS:
+        assert words.tokenize(word) == [word + "</w>"], word
+    ids = words("a sks ball on the beach").input_ids
+    assert len(ids) == 2 + 6 and len(set(ids)) == len(ids) and max(ids) < len(words)
+    # byte and special ids are those of the plain byte tokenizer; text outside the vocabulary keeps its bytes
+    symbols = list(bytes_to_unicode().values())
+    assert all(words.convert_tokens_to_ids(s) == plain.convert_tokens_to_ids(s) == i for i, s in enumerate(symbols))
+    assert words.bos_token_id == plain.bos_token_id and words.eos_token_id == plain.eos_token_id
+    pieces = words.tokenize("starry")
+    assert "".join(pieces) == "starry</w>" and len(pieces) > 1
+    assert words.tokenize("zebra") == plain.tokenize("zebra")

@@ -11,8 +11,9 @@ Stages (each seeded; the settings and losses are printed and saved beside the we
    schedule of `models/tiny/scheduler.json` (scaled_linear 0.00085..0.012, 1000 steps), captions through
    the text encoder; 10% of captions replaced by the empty prompt so classifier-free guidance works;
    an EMA of the weights is what is saved.
-The text encoder is the embedded random CLIPTextModel (models/tiny/text_encoder.json, seed 0), kept FIXED:
-it is a deterministic function of the caption bytes, so the U-Net learns to read it through cross-attention.
+The text encoder is the tiny random CLIPTextModel (models/tiny/text_encoder.json, seed 0) over a byte
+tokenizer that has the world's words as whole tokens (`world.WORDS`, "sks" included), kept FIXED: it is a
+deterministic function of the caption, so the U-Net learns to read it through cross-attention.
 
 Out: a diffusers folder (safetensors) with SHA256SUMS and pretrain.json; docs: loss log (CSV), loss curve
 and a sample sheet (PNG).
@@ -147,6 +148,20 @@ def encode_all(vae, data: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(means), torch.cat(stds)
 
 
+def world_text_encoder(tokenizer_folder: Path):
+    """The FIXED text side: a byte tokenizer with the world's words as whole tokens (`world.WORDS`) and the
+    tiny CLIPTextModel over that vocabulary, random weights from the registry seed, never trained.
+
+    Whole-word tokens matter: with characters only, the 2-layer random encoder smears a word over its letters
+    and the tiny U-Net learned colours but not contexts (the first shipped model, 2026-11-23)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = load._clip_byte_tokenizer(tokenizer_folder, world.WORDS)
+    torch.manual_seed(registry.SEED)
+    config = CLIPTextConfig(**{**registry.arch_config("tiny", "text_encoder"), "vocab_size": len(tokenizer)})
+    return tokenizer, CLIPTextModel(config).eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], dev) -> torch.Tensor:
     """Exactly what StableDiffusionPipeline.encode_prompt does for the tiny encoder (no attention mask)."""
@@ -277,9 +292,9 @@ def main(argv=None) -> int:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the per-element KL term")
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--unet-batch", type=int, default=16)
-    p.add_argument("--unet-max-minutes", type=float, default=38.0,
+    p.add_argument("--unet-max-minutes", type=float, default=60.0,
                    help="wall-clock guard on a shared CPU: stop early (logged, and saved in pretrain.json)")
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--uncond", type=float, default=0.1, help="fraction of captions replaced by the empty prompt")
@@ -321,8 +336,9 @@ def main(argv=None) -> int:
 
     tmp = Path(str(args.out) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    parts = load._random_parts("tiny", tmp / "tokenizer")  # the FIXED text encoder and tokenizer, seed 0
-    tokenizer, text_encoder = parts["tokenizer"], parts["text_encoder"].to(dev)
+    parts = load._random_parts("tiny", tmp / "tokenizer")  # scheduler (the U-Net and VAE are trained here)
+    tokenizer, text_encoder = world_text_encoder(tmp / "tokenizer")
+    text_encoder = text_encoder.to(dev)
     unique = sorted(set(caps))
     cap_emb = torch.cat([encode_prompts(tokenizer, text_encoder, unique[i:i + 256], dev).cpu()
                          for i in range(0, len(unique), 256)])
@@ -355,7 +371,9 @@ def main(argv=None) -> int:
         "vae_steps_done": len(vae_rows),
         "unet_steps_done": len(unet_losses),
         "unet_final_loss_last200": float(np.mean(unet_losses[-200:])),
-        "text_encoder": "fixed: the embedded random CLIPTextModel (models/tiny/text_encoder.json, seed 0)",
+        "text_encoder": ("fixed: CLIPTextModel of models/tiny/text_encoder.json with the vocabulary of the byte "
+                         f"tokenizer + {len(world.WORDS)} whole world words ({len(tokenizer)} tokens), random "
+                         "weights, seed 0"),
         "distinct_captions": len(unique),
     }
     (tmp / "pretrain.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -41,22 +41,58 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HOLLOW_EXPORT_CACHE", Path.home() / ".cache" / "hollow-export"))
 
 
-def _clip_byte_tokenizer(folder: Path):
-    """A real CLIPTokenizer over the 256 byte symbols (no merges): tiny but honest."""
+def _clip_byte_tokenizer(folder: Path, words: tuple[str, ...] = ()):
+    """A real CLIPTokenizer over the 256 byte symbols: tiny but honest.
+
+    Without `words` it has no merges (every character is a token). With `words` (lower-case, no spaces) it
+    gets BPE merges that make each of them one whole token, as a real CLIP vocabulary does for common words;
+    every other text still falls back to characters. Written to `folder` (vocab.json, merges.txt).
+    """
     from transformers import CLIPTokenizer
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     symbols = list(bytes_to_unicode().values())
+    merges = _whole_word_merges(words)  # their tokens follow the specials: byte and special ids stay put
     vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab += list(dict.fromkeys(a + b for a, b in merges))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer(
         str(folder / "vocab.json"),
         str(folder / "merges.txt"),
         model_max_length=77,
         pad_token="<|endoftext|>",
     )
+    split = [w for w in words if len(tokenizer.tokenize(w)) != 1]
+    if split:  # cannot happen by construction; a tokenizer that silently splits them would mislead
+        raise ModelError(f"tokenizer merges left {split} in pieces")
+    return tokenizer
+
+
+def _bpe_pieces(word: str, ranks: dict) -> list[str]:
+    """`word` split by byte-pair merges of rank `ranks` (lowest rank first), CLIP's end-of-word marker on."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
+def _whole_word_merges(words) -> list[tuple[str, str]]:
+    """Merges, in rank order, under which each of `words` is one token: for each word, merge its first
+    two pieces (as the merges so far leave it) until one is left. A new merge has the highest rank, so it
+    never changes how an earlier word is split."""
+    merges: list[tuple[str, str]] = []
+    ranks: dict = {}
+    for word in words:
+        while len(pieces := _bpe_pieces(word, ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(merges)
+            merges.append((pieces[0], pieces[1]))
+    return merges
 
 
 def _random_parts(arch: str, tokenizer_folder: Path, device: str = "cpu"):

@@ -46,6 +46,10 @@ CONTEXT_PHRASES = {
     "indoors": "indoors",
 }
 INSTANCE_TOKEN = "sks"
+# Every word the world's captions and prompts use: the pretrained pipeline's tokenizer has each as one token,
+# as a real CLIP vocabulary has its common words (and the rare "sks", which pretraining never shows).
+WORDS = tuple(dict.fromkeys(["a", *CLASSES, *COLOURS, *PATTERNS[1:],
+                             *" ".join(CONTEXT_PHRASES.values()).split(), INSTANCE_TOKEN]))
 
 # Caption ablation in pretraining: each attribute word is left out with this probability, so that short
 # prompts ("a ball", "a ball on the beach") mean "any of them" and the class prompt has a real prior.
