@@ -164,10 +164,12 @@ def check_output_dir(path: Path, command: str, overwrite: bool = False) -> None:
 
     Allowed: a new path, an empty folder, or (with `overwrite`) a finished output of the same command
     holding only the files it wrote, in a folder that can be written. Anything else stays untouched
-    and the message names the fix. Called before any long work, and again by `atomic_dir`.
+    and the message names the fix. Called before any long work, and again by `atomic_dir`. First
+    settles a replace a kill interrupted (`settle_interrupted_replace`).
     """
     path = Path(path)
     check_writable(path.parent)
+    settle_interrupted_replace(path, command)
     if not path.exists():
         return
     if not path.is_dir():
@@ -185,6 +187,32 @@ def check_output_dir(path: Path, command: str, overwrite: bool = False) -> None:
     if foreign:
         raise StoreError(f"--out {path} holds files `{command}` did not write ({', '.join(foreign[:3])}); "
                          "move them out or choose another folder (nothing was replaced)")
+
+
+def settle_interrupted_replace(path: Path, command: str) -> list[Path]:
+    """Finish what a killed `atomic_dir` replace left: it moves the earlier output aside (`.NAME.*.old`),
+    renames the new one in, then deletes the aside copy. Killed between the renames, `path` is gone and the
+    earlier output waits aside: it is put back (the killed run never finished, so its output does not
+    count). Killed before the delete, the aside copy is removed. Only folders holding a finished output
+    of `command`, and only while no writer of `command` is at work beside `path`; returns what it moved
+    or removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    if any(_in_use(w, command) for w in path.parent.glob(f".{path.name}.*.tmp")):
+        return []  # a live writer may be between its two renames right now
+    settled = []
+    for old in sorted(path.parent.glob(f".{path.name}.*.old")):
+        record = _output_record(old)
+        if not old.is_dir() or record is None or record.get("command") != command:
+            continue
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+            _fsync_dir(path.parent)
+        settled.append(old)
+    return settled
 
 
 def check_apart(out: Path, inputs: dict[str, Path | None]) -> None:
@@ -217,6 +245,18 @@ def _stale(folder: Path, command: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def _in_use(folder: Path, command: str) -> bool:
+    """A work folder of `command` whose writer is still running (its lock is held)."""
+    return _lock_of(folder).exists() and not _stale(folder, command) and _names(folder, command)
+
+
+def _names(folder: Path, command: str) -> bool:
+    try:
+        return _lock_of(folder).read_text(errors="replace") == command
+    except OSError:
+        return False
 
 
 def _lock_of(work: Path) -> Path:

@@ -125,6 +125,48 @@ def test_work_folder_of_a_killed_run_is_removed_and_a_live_one_kept(tmp_path):
         live.wait()
 
 
+SWAP_KILLED = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from hollow_export import store
+    renames, stop_after = [], int(sys.argv[2])
+    real_replace = os.replace
+    def replace(src, dst):  # the kill lands right after rename number `stop_after` of the swap
+        real_replace(src, dst)
+        renames.append(dst)
+        if len(renames) == stop_after:
+            print("renamed", flush=True)
+            time.sleep(600)
+    os.replace = replace
+    with store.atomic_dir(Path(sys.argv[1]), "build", overwrite=True) as tmp:
+        (tmp / "a.bin").write_text("second")
+""")
+
+
+@pytest.mark.parametrize("renames_done", [1, 2])
+def test_a_kill_inside_the_replace_is_settled_by_the_next_run(tmp_path, renames_done):
+    out = tmp_path / "bundle"
+    _write(out, "build")  # the earlier output: a.bin (and b.bin)
+    earlier = sorted(p.name for p in out.iterdir())
+    proc = subprocess.Popen([sys.executable, "-c", SWAP_KILLED, str(out), str(renames_done)], stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.stdout.readline().strip() == "renamed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    aside = list(tmp_path.glob(".bundle.*.old"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == earlier
+    if renames_done == 1:  # killed between the renames: no output at all until the next run puts it back
+        assert not out.exists()
+        with pytest.raises(HollowError, match="holds an earlier `build` output"):
+            store.check_output_dir(out, "build")
+        assert sorted(p.name for p in out.iterdir()) == earlier and (out / "a.bin").read_text() != "second"
+    else:  # the new output is in place; only the aside copy is left over
+        assert (out / "a.bin").read_text() == "second"
+        store.check_output_dir(out, "build", overwrite=True)
+        assert (out / "a.bin").read_text() == "second"
+    assert not list(tmp_path.glob(".bundle.*.old"))
+
+
 SAVE = textwrap.dedent("""
     import sys, torch
     from hollow_export import store
