@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from .bench.quality import DEFAULTS as QUALITY  # numpy only at import; the work imports torch later
 from .errors import HollowError
 from .hollow.plan import TARGET_PRESETS
 from .models.registry import ARCHS, BENCH_ARCHS, VARIANTS
@@ -473,16 +474,22 @@ def _numbers(csv: str, kind, what: str) -> list:
 @click.option("--seeds", default="0", show_default=True, help="Sampling seeds (each adds a cell per subject).")
 @click.option("--methods", default=",".join(("none", "lora", "hollowed_host", "hollowed_device")), show_default=True,
               help="none, lora (plain LoRA, host), hollowed_host, hollowed_device (build -> device -> merge).")
-@click.option("--fraction", type=SHARE, default=0.4, show_default=True, help="Target hollowed parameter share.")
+@click.option("--fraction", type=SHARE, default=QUALITY["fraction"], show_default=True,
+              help="Target hollowed parameter share.")
 @click.option("--sweep", default="", help="Extra fractions for the Hollowed Net on the host, e.g. 0.2,0.4,0.6.")
-@click.option("--steps", type=COUNT, default=800, show_default=True, help="Training steps per method.")
-@click.option("--lr", type=POSITIVE, default=2e-3, show_default=True, help="AdamW learning rate.")
-@click.option("--rank", type=COUNT, default=8, show_default=True, help="LoRA rank.")
-@click.option("--samples", type=COUNT, default=100, show_default=True, help="Buffered samples (timesteps x photos).")
-@click.option("--photos", type=click.IntRange(3, 20), default=5, show_default=True, help="Reference photos per subject.")
-@click.option("--per-prompt", type=COUNT, default=2, show_default=True, help="Samples per novel-context prompt.")
-@click.option("--denoise-steps", type=COUNT, default=20, show_default=True, help="Sampling steps (PNDM).")
-@click.option("--guidance", type=NON_NEGATIVE, default=4.0, show_default=True, help="Classifier-free guidance.")
+@click.option("--steps", type=COUNT, default=QUALITY["steps"], show_default=True, help="Training steps per method.")
+@click.option("--lr", type=POSITIVE, default=QUALITY["lr"], show_default=True, help="AdamW learning rate.")
+@click.option("--rank", type=COUNT, default=QUALITY["rank"], show_default=True, help="LoRA rank.")
+@click.option("--samples", type=COUNT, default=QUALITY["samples"], show_default=True,
+              help="Buffered samples (timesteps x photos).")
+@click.option("--photos", type=click.IntRange(3, 20), default=QUALITY["photos"], show_default=True,
+              help="Reference photos per subject.")
+@click.option("--per-prompt", type=COUNT, default=QUALITY["per_prompt"], show_default=True,
+              help="Samples per novel-context prompt.")
+@click.option("--denoise-steps", type=COUNT, default=QUALITY["denoise_steps"], show_default=True,
+              help="Sampling steps (PNDM).")
+@click.option("--guidance", type=NON_NEGATIVE, default=QUALITY["guidance"], show_default=True,
+              help="Classifier-free guidance.")
 @click.option("--threads", type=COUNT, default=None, help="Torch threads (default: this machine's cores).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Keep the intermediate folders (photos, LoRAs, bundles, merged models) here (new or empty).")
