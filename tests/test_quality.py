@@ -68,6 +68,11 @@ def test_evaluate_toy_judge_separates_subjects_and_reads_contexts(tmp_path):
     other = _toy_eval(tmp_path, "other", world.subject_photos(2, 5), reference, [sub2.instance_prompt] * 5)
     assert same["subject_object"] > other["subject_object"]
     assert same["subject_image"] > other["subject_image"]
+    # the subject's look is the world's own (colour, pattern) of subject 1, read in the other subject's photos
+    # rarely: subject 2 differs from it in colour or pattern
+    assert same["subject_look"] == {"colour": sub1.colour, "pattern": sub1.pattern}
+    assert (sub2.colour, sub2.pattern) != (sub1.colour, sub1.pattern)
+    assert same["subject_read"] >= 0.8 and other["subject_read"] <= 0.2, (same["subject_read"], other["subject_read"])
     assert same["judge"]["sha256"] == json.loads((JUDGE / "config.json").read_text())["sha256"]
     assert same["n_generated"] == 5 and same["n_reference"] == 5
 

@@ -19,7 +19,8 @@ Per subject: its photos (`toy.world.save_subject_photos`), instance and class pr
 Training is seeded with 0 (once per subject and method); `--seeds` are the sampling seeds. Prompts: the
 instance prompt in each of the subject's NOVEL contexts (never in its photos), `per_prompt` samples each
 (sampling seeds seed*1000 + i). Scores (`toy.evaluate.judge_scores`): subject fidelity against the
-subject's photos (`subject_object`, DINO analogue; `subject_image`, CLIP-I analogue) and prompt fidelity
+subject's photos (`subject_object`, DINO analogue; `subject_image`, CLIP-I analogue; `subject_read`: the
+judge reads the subject's colour and pattern, i.e. the subject appears) and prompt fidelity
 (`prompt_context`: the judge reads the asked novel context; `prompt_class`: it reads the class).
 Intermediate folders (photos, LoRAs, bundles, buffers, merged models) live in a work folder: a
 temporary one removed at the end, or `workdir` (kept, for inspection).
@@ -40,7 +41,7 @@ from .measure import default_threads, settings_block
 from .report import _pyplot, format_table, save_figure, settings_text, write_outputs
 
 METHODS = ("none", "lora", "hollowed_host", "hollowed_device")
-METRICS = ("subject_object", "subject_image", "prompt_context", "prompt_class")
+METRICS = ("subject_object", "subject_image", "subject_read", "prompt_context", "prompt_class")
 LABELS = {"none": "no fine-tuning", "lora": "plain LoRA (host)", "hollowed_host": "Hollowed Net (host)",
           "hollowed_device": "Hollowed Net (device path, ORT)"}
 # Defaults measured for the embedded tiny pipeline on 2 CPU cores (see the README's measured section).
@@ -230,7 +231,8 @@ def quality(subjects=(0, 1, 2), seeds=(0,), methods=METHODS, sweep=(), model: st
                 records.setdefault(name, []).append({"subject": s, **record, "train_seconds": train_seconds})
                 c = cells[-1]
                 log(f"[subject {s}] {name}: subject_object {c['subject_object']:.3f}, subject_image "
-                    f"{c['subject_image']:.3f}, prompt_context {_fmt(c['prompt_context'])}, "
+                    f"{c['subject_image']:.3f}, subject_read {c['subject_read']:.2f}, prompt_context "
+                    f"{_fmt(c['prompt_context'])}, "
                     f"prompt_class {_fmt(c['prompt_class'])} (train {train_seconds:.0f} s)")
             sheet_rows.append(block)
     names = [r[0] for r in runs]

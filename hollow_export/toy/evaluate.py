@@ -4,7 +4,7 @@ In:  a folder of generated images, a folder of reference photos of the subject a
      (the same inputs and formats as `hollow_export.evaluate`), or the images and prompts directly
      (`judge_scores`, used by `bench quality`); the judge folder (default `models/toy-judge`,
      hash-checked on load).
-Out: a dict {"subject_object", "subject_image", "prompt_class", "prompt_context",
+Out: a dict {"subject_object", "subject_image", "subject_read", "prompt_class", "prompt_context",
      "prompt_probability", counts, "judge", "settings", "per_image"}, a small text table
      (`toy_metrics_table`); `hollow_export.evaluate.write_result` writes it as JSON atomically.
 
@@ -13,6 +13,9 @@ Definitions (the toy judge standing in for DINO / CLIP-I / CLIP-T, which cannot 
                       colour and pattern: the DINO analogue) of generated and reference images, over
                       ALL (generated, reference) pairs.
   subject_image       the same with the judge's pooled whole-`image` features (CLIP-I analogue).
+  subject_read        share of generated images whose colour AND pattern read-out (argmax) is the
+                      subject's: the colour and pattern the judge reads on most reference photos. "The
+                      subject appears", read off the judge's heads rather than an embedding.
   prompt_class        share of generated images whose class read-out (argmax) is the class their
                       prompt names (over the images whose prompt names one).
   prompt_context      the same for the context ("on the beach", "at night", ...).
@@ -90,12 +93,15 @@ def judge_scores(judge, generated: list, references: list, prompts: list[str]) -
     cos = {kind: judge.embed(gen, kind).astype(np.float64) @ judge.embed(ref, kind).astype(np.float64).T
            for kind in ("object", "image")}
     predicted = judge.predict(gen)
+    look = subject_look(judge.predict(ref))
     wanted = [world.parse_prompt(p) for p in prompts]
     hits = {k: [float(p[k] == w[k]) for p, w in zip(predicted, wanted) if w[k]] for k in ("cls", "context")}
     soft = judge.prompt_fidelity(gen, prompts)["score"]
     return {
         "subject_object": float(cos["object"].mean()),
         "subject_image": float(cos["image"].mean()),
+        "subject_read": float(np.mean([(p["colour"], p["pattern"]) == look for p in predicted])),
+        "subject_look": {"colour": look[0], "pattern": look[1]},
         "prompt_class": _mean_or_none(hits["cls"]),
         "prompt_context": _mean_or_none(hits["context"]),
         "prompt_probability": None if math.isnan(soft) else float(soft),
@@ -105,8 +111,15 @@ def judge_scores(judge, generated: list, references: list, prompts: list[str]) -
         "n_prompts_naming_context": len(hits["context"]),
         "per_image": [{"prompt": text, "subject_object": float(cos["object"][i].mean()),
                        "subject_image": float(cos["image"][i].mean()), "read_class": predicted[i]["cls"],
+                       "read_colour": predicted[i]["colour"], "read_pattern": predicted[i]["pattern"],
                        "read_context": predicted[i]["context"]} for i, text in enumerate(prompts)],
     }
+
+
+def subject_look(reads: list[dict]) -> tuple[str, str]:
+    """The (colour, pattern) the judge reads on most reference photos (ties: the first photo's order)."""
+    looks = [(r["colour"], r["pattern"]) for r in reads]
+    return max(dict.fromkeys(looks), key=looks.count)
 
 
 def evaluate_toy(generated_dir, reference_dir, prompts_file, judge_dir: Path | None = None) -> dict:
@@ -138,6 +151,8 @@ def toy_metrics_table(result: dict) -> str:
     rows = [("metric", "value", "averaged over", "stands for"),
             ("subject_object", _fmt(result["subject_object"]), f"{n} x {m} generated/reference pairs", "DINO"),
             ("subject_image", _fmt(result["subject_image"]), f"{n} x {m} generated/reference pairs", "CLIP-I"),
+            ("subject_read", _fmt(result["subject_read"]), f"{n} generated images (colour and pattern "
+             f"{result['subject_look']['colour']} {result['subject_look']['pattern']})", "-"),
             ("prompt_class", _fmt(result["prompt_class"]), f"{result['n_prompts_naming_class']} images "
              "whose prompt names a class", "CLIP-T"),
             ("prompt_context", _fmt(result["prompt_context"]), f"{result['n_prompts_naming_context']} images "
