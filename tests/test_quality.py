@@ -68,11 +68,10 @@ def test_evaluate_toy_judge_separates_subjects_and_reads_contexts(tmp_path):
     other = _toy_eval(tmp_path, "other", world.subject_photos(2, 5), reference, [sub2.instance_prompt] * 5)
     assert same["subject_object"] > other["subject_object"]
     assert same["subject_image"] > other["subject_image"]
-    # the subject's look is the world's own (colour, pattern) of subject 1, read in the other subject's photos
-    # rarely: subject 2 differs from it in colour or pattern
+    # the subject's colour is the world's own colour of subject 1; subject 2 has another one
     assert same["subject_look"] == {"colour": sub1.colour, "pattern": sub1.pattern}
-    assert (sub2.colour, sub2.pattern) != (sub1.colour, sub1.pattern)
-    assert same["subject_read"] >= 0.8 and other["subject_read"] <= 0.2, (same["subject_read"], other["subject_read"])
+    assert sub2.colour != sub1.colour
+    assert same["subject_colour"] >= 0.8 and other["subject_colour"] <= 0.2, (same, other)
     assert same["judge"]["sha256"] == json.loads((JUDGE / "config.json").read_text())["sha256"]
     assert same["n_generated"] == 5 and same["n_reference"] == 5
 
@@ -86,6 +85,18 @@ def test_evaluate_toy_judge_separates_subjects_and_reads_contexts(tmp_path):
     miss = _toy_eval(tmp_path, "wrong", renders, reference, wrong)
     assert hit["prompt_context"] >= 0.8 and miss["prompt_context"] <= 0.2, (hit, miss)
     assert hit["n_prompts_naming_context"] == 5
+    assert hit["subject_in_context"] <= 0.2  # the right contexts, but not the reference photos' subject
+
+    # subject 1 itself in every context: in the asked context only when the prompt asks for the one shown
+    scenes = [replace(world.subject_scenes(1, 1)[0], context=c) for c in world.CONTEXTS]
+    renders = [world.render(s) for s in scenes]
+    right = [world.instance_prompt(sub1.cls, s.context) for s in scenes]
+    wrong = [world.instance_prompt(sub1.cls, world.CONTEXTS[(world.CONTEXTS.index(s.context) + 2) % 5])
+             for s in scenes]
+    hit = _toy_eval(tmp_path, "subject_right", renders, reference, right)
+    miss = _toy_eval(tmp_path, "subject_wrong", renders, reference, wrong)
+    assert hit["subject_in_context"] >= 0.8 and miss["subject_in_context"] <= 0.2, (hit, miss)
+    assert hit["subject_colour"] >= 0.8 and miss["subject_colour"] >= 0.8
 
 
 def test_evaluate_judge_options_are_checked(tmp_path):

@@ -19,8 +19,9 @@ Per subject: its photos (`toy.world.save_subject_photos`), instance and class pr
 Training is seeded with 0 (once per subject and method); `--seeds` are the sampling seeds. Prompts: the
 instance prompt in each of the subject's NOVEL contexts (never in its photos), `per_prompt` samples each
 (sampling seeds seed*1000 + i). Scores (`toy.evaluate.judge_scores`): subject fidelity against the
-subject's photos (`subject_object`, DINO analogue; `subject_image`, CLIP-I analogue; `subject_read`: the
-judge reads the subject's colour and pattern, i.e. the subject appears) and prompt fidelity
+subject's photos (`subject_object`, DINO analogue; `subject_image`, CLIP-I analogue; `subject_colour`: the
+judge reads the subject's colour, i.e. the subject appears; `subject_in_context`: it reads the subject's colour
+and the asked novel context in the same sample, the issue's first goal) and prompt fidelity
 (`prompt_context`: the judge reads the asked novel context; `prompt_class`: it reads the class).
 Intermediate folders (photos, LoRAs, bundles, buffers, merged models) live in a work folder: a
 temporary one removed at the end, or `workdir` (kept, for inspection).
@@ -41,7 +42,8 @@ from .measure import default_threads, settings_block
 from .report import _pyplot, format_table, save_figure, settings_text, write_outputs
 
 METHODS = ("none", "lora", "hollowed_host", "hollowed_device")
-METRICS = ("subject_object", "subject_image", "subject_read", "prompt_context", "prompt_class")
+METRICS = ("subject_object", "subject_image", "subject_colour", "subject_in_context", "prompt_context",
+           "prompt_class")
 LABELS = {"none": "no fine-tuning", "lora": "plain LoRA (host)", "hollowed_host": "Hollowed Net (host)",
           "hollowed_device": "Hollowed Net (device path, ORT)"}
 # Defaults measured for the embedded tiny pipeline on 2 CPU cores (see the README's measured section).
@@ -223,7 +225,7 @@ def quality(subjects=(0, 1, 2), seeds=(0,), methods=METHODS, sweep=(), model: st
                             texts.append(prompt)
                     scores = judge_scores(judge, images, references, texts)
                     cells.append({"method": name, "subject": s, "seed": seed, "fraction": frac,
-                                  **{k: scores[k] for k in (*METRICS, "prompt_probability")},
+                                  **{k: scores[k] for k in (*METRICS, "prompt_probability", "subject_look")},
                                   "per_image": scores["per_image"], "train_seconds": train_seconds,
                                   "sample_seconds": time.time() - t1})
                     if seed == seeds[0]:
@@ -231,7 +233,8 @@ def quality(subjects=(0, 1, 2), seeds=(0,), methods=METHODS, sweep=(), model: st
                 records.setdefault(name, []).append({"subject": s, **record, "train_seconds": train_seconds})
                 c = cells[-1]
                 log(f"[subject {s}] {name}: subject_object {c['subject_object']:.3f}, subject_image "
-                    f"{c['subject_image']:.3f}, subject_read {c['subject_read']:.2f}, prompt_context "
+                    f"{c['subject_image']:.3f}, subject_colour {c['subject_colour']:.2f}, subject_in_context "
+                    f"{_fmt(c['subject_in_context'])}, prompt_context "
                     f"{_fmt(c['prompt_context'])}, "
                     f"prompt_class {_fmt(c['prompt_class'])} (train {train_seconds:.0f} s)")
             sheet_rows.append(block)
