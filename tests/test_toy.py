@@ -102,6 +102,9 @@ def test_shipped_pipeline_is_the_default_loads_via_from_pretrained_and_matches_i
     for name, tensor in plain.unet.state_dict().items():
         assert torch.equal(tensor, ours.unet.state_dict()[name]), name
     assert ours.vae.config.scaling_factor == plain.vae.config.scaling_factor != 0.18215
+    # it was pretrained on whole-word tokens of the world's words, and its encoder covers that vocabulary
+    assert all(ours.tokenizer.tokenize(w) == [w + "</w>"] for w in world.WORDS)
+    assert ours.text_encoder.config.vocab_size == len(ours.tokenizer)
 
     # one flipped byte in the copied U-Net weights is read and refused, naming the file and the fix
     copy = tmp_path / "models"
