@@ -76,27 +76,28 @@ def test_evaluate_toy_judge_separates_subjects_and_reads_contexts(tmp_path):
     assert same["n_generated"] == 5 and same["n_reference"] == 5
 
     # renders of subject 2 in every context, prompted with the context each really shows, then a wrong one
-    scenes = [replace(world.subject_scenes(2, 1)[0], context=c) for c in world.CONTEXTS]
-    renders = [world.render(s) for s in scenes]
-    right = [world.instance_prompt(sub2.cls, s.context) for s in scenes]
-    wrong = [world.instance_prompt(sub2.cls, world.CONTEXTS[(world.CONTEXTS.index(s.context) + 1) % 5])
-             for s in scenes]
-    hit = _toy_eval(tmp_path, "right", renders, reference, right)
-    miss = _toy_eval(tmp_path, "wrong", renders, reference, wrong)
+    hit, miss = _in_every_context(tmp_path, 2, reference)
     assert hit["prompt_context"] >= 0.8 and miss["prompt_context"] <= 0.2, (hit, miss)
     assert hit["n_prompts_naming_context"] == 5
     assert hit["subject_in_context"] <= 0.2  # the right contexts, but not the reference photos' subject
 
     # subject 1 itself in every context: in the asked context only when the prompt asks for the one shown
-    scenes = [replace(world.subject_scenes(1, 1)[0], context=c) for c in world.CONTEXTS]
-    renders = [world.render(s) for s in scenes]
-    right = [world.instance_prompt(sub1.cls, s.context) for s in scenes]
-    wrong = [world.instance_prompt(sub1.cls, world.CONTEXTS[(world.CONTEXTS.index(s.context) + 2) % 5])
-             for s in scenes]
-    hit = _toy_eval(tmp_path, "subject_right", renders, reference, right)
-    miss = _toy_eval(tmp_path, "subject_wrong", renders, reference, wrong)
+    hit, miss = _in_every_context(tmp_path, 1, reference)
     assert hit["subject_in_context"] >= 0.8 and miss["subject_in_context"] <= 0.2, (hit, miss)
     assert hit["subject_colour"] >= 0.8 and miss["subject_colour"] >= 0.8
+
+
+def _in_every_context(tmp_path, seed: int, reference):
+    """The judge's scores of subject `seed` rendered in every context against `reference`: prompted with the
+    context each render shows, and with the next one instead."""
+    sub = world.subject(seed)
+    scenes = [replace(world.subject_scenes(seed, 1)[0], context=c) for c in world.CONTEXTS]
+    renders = [world.render(s) for s in scenes]
+    right = [world.instance_prompt(sub.cls, s.context) for s in scenes]
+    wrong = [world.instance_prompt(sub.cls, world.CONTEXTS[(world.CONTEXTS.index(s.context) + 1) % 5])
+             for s in scenes]
+    return (_toy_eval(tmp_path, f"right{seed}", renders, reference, right),
+            _toy_eval(tmp_path, f"wrong{seed}", renders, reference, wrong))
 
 
 def test_evaluate_judge_options_are_checked(tmp_path):
