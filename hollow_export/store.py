@@ -199,7 +199,7 @@ def settle_interrupted_replace(path: Path, command: str) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    if any(_in_use(w, command) for w in path.parent.glob(f".{path.name}.*.tmp")):
+    if any(_writer(w, command) == "live" for w in path.parent.glob(f".{path.name}.*.tmp")):
         return []  # a live writer may be between its two renames right now
     settled = []
     for old in sorted(path.parent.glob(f".{path.name}.*.old")):
@@ -227,36 +227,25 @@ def check_apart(out: Path, inputs: dict[str, Path | None]) -> None:
                              "outside the inputs")
 
 
-def _stale(folder: Path, command: str) -> bool:
-    """A work folder of `command` whose writer is gone: its lock file names the command and is not locked."""
+def _writer(folder: Path, command: str) -> str | None:
+    """The state of a work folder's writer: "live" (its lock file names `command` and is locked), "gone"
+    (it names `command` and is not locked: the writer was killed), None (no such lock file: not provably ours)."""
     import fcntl
 
     try:
         fd = os.open(_lock_of(folder), os.O_RDONLY)
     except OSError:
-        return False  # not provably ours
+        return None
     try:
         if os.read(fd, 200).decode(errors="replace") != command:
-            return False
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            return False  # in use by a running writer
-        return True
+            return "live"
+        return "gone"
     finally:
         os.close(fd)
-
-
-def _in_use(folder: Path, command: str) -> bool:
-    """A work folder of `command` whose writer is still running (its lock is held)."""
-    return _lock_of(folder).exists() and not _stale(folder, command) and _names(folder, command)
-
-
-def _names(folder: Path, command: str) -> bool:
-    try:
-        return _lock_of(folder).read_text(errors="replace") == command
-    except OSError:
-        return False
 
 
 def _lock_of(work: Path) -> Path:
@@ -270,7 +259,7 @@ def clean_stale_work(path: Path, command: str) -> list[Path]:
     if not path.parent.is_dir():
         return removed
     for folder in path.parent.glob(f".{path.name}.*.tmp"):
-        if folder.is_dir() and _stale(folder, command):
+        if folder.is_dir() and _writer(folder, command) == "gone":
             shutil.rmtree(folder, ignore_errors=True)
             _lock_of(folder).unlink(missing_ok=True)
             removed.append(folder)

@@ -233,9 +233,8 @@ def quality(subjects=(0, 1, 2), seeds=(0,), methods=METHODS, sweep=(), model: st
                 records.setdefault(name, []).append({"subject": s, **record, "train_seconds": train_seconds})
                 c = cells[-1]
                 log(f"[subject {s}] {name}: subject_object {c['subject_object']:.3f}, subject_image "
-                    f"{c['subject_image']:.3f}, subject_colour {c['subject_colour']:.2f}, subject_in_context "
-                    f"{_fmt(c['subject_in_context'])}, prompt_context "
-                    f"{_fmt(c['prompt_context'])}, "
+                    f"{c['subject_image']:.3f}, subject_colour {c['subject_colour']:.2f}, "
+                    f"subject_in_context {_fmt(c['subject_in_context'])}, prompt_context {_fmt(c['prompt_context'])}, "
                     f"prompt_class {_fmt(c['prompt_class'])} (train {train_seconds:.0f} s)")
             sheet_rows.append(block)
     names = [r[0] for r in runs]

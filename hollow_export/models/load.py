@@ -65,7 +65,7 @@ def _clip_byte_tokenizer(folder: Path, words: tuple[str, ...] = ()):
         pad_token="<|endoftext|>",
     )
     split = [w for w in words if len(tokenizer.tokenize(w)) != 1]
-    if split:  # cannot happen by construction; a tokenizer that silently splits them would mislead
+    if split:  # checks _bpe_pieces' model of CLIP's BPE against the real tokenizer
         raise ModelError(f"tokenizer merges left {split} in pieces")
     return tokenizer
 
