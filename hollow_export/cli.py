@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .bench.quality import DEFAULTS as QUALITY  # numpy only at import; the work imports torch later
+from .bench.quality import DEFAULTS as QUALITY  # stdlib-only at import (numpy, torch imported where used)
 from .errors import HollowError
 from .hollow.plan import TARGET_PRESETS
 from .models.registry import ARCHS, BENCH_ARCHS, VARIANTS

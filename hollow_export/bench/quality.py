@@ -35,9 +35,7 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
-from .cases import BenchError
+from .cases import BenchError  # numpy and torch are imported where used: the CLI reads DEFAULTS at start
 from .measure import default_threads, settings_block
 from .report import _pyplot, format_table, save_figure, settings_text, write_outputs
 
@@ -122,6 +120,8 @@ def _personalize(method: str, photos: Path, sub, out: Path, knobs: dict, fractio
 
 def _device_path(photos: Path, sub, work: Path, knobs: dict, fraction: float, model, arch, variant):
     """build -> device collect -> device train -> device export -> merge; returns (merged folder, record)."""
+    import numpy as np
+
     from ..device.collect import collect
     from ..device.export import LORA_EXPORT, export_lora
     from ..device.train import TrainConfig, train
@@ -147,6 +147,8 @@ def _device_path(photos: Path, sub, work: Path, knobs: dict, fraction: float, mo
 # ------------------------------------------------------------------------------------------------ the bench
 
 def _stats(cells: list[dict]) -> dict:
+    import numpy as np
+
     out = {}
     for metric in METRICS:
         values = [c[metric] for c in cells if c.get(metric) is not None]
@@ -265,6 +267,8 @@ def _fmt(value) -> str:
 
 
 def quality_text(result: dict) -> str:
+    import numpy as np
+
     s = result["settings"]
     head = ["method", *METRICS, "hollowed", "train s"]
     rows = []
@@ -321,6 +325,8 @@ def _save_sheet(blocks: list[dict], path: Path) -> None:
 
 
 def plot_quality(result: dict, path: Path) -> None:
+    import numpy as np
+
     plt = _pyplot()
     names = result["methods"]
     fig, ax = plt.subplots(figsize=(3 + 2.2 * len(METRICS), 4.5))
