@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import click
 
 from .bench.quality import DEFAULTS as QUALITY  # stdlib-only at import (numpy, torch imported where used)
 from .errors import HollowError
-from .hollow.plan import TARGET_PRESETS
-from .models.registry import ARCHS, BENCH_ARCHS, VARIANTS
+from .models.registry import BENCH_ARCHS
+from .options import (BETA, COUNT, DEPTH, NON_NEGATIVE, POSITIVE, SEED, SHARE, SIDE, TIMED_STEPS, model_options,
+                      overwrite_option, plan_kwargs, plan_options, variant_option)
 
 
 class Group(click.Group):
@@ -65,91 +65,6 @@ def quiet_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
             logger.addFilter(_DropMessage(prefix))
-
-
-class Finite(click.FloatRange):
-    """A float range that also refuses nan and inf (click's FloatRange lets nan through)."""
-
-    name = "finite float"
-
-    def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if not math.isfinite(value):
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return value
-
-
-class Share(Finite):
-    """A share of U-Net parameters: a finite number between 0 and 1."""
-
-    name = "share"
-
-    def __init__(self):
-        super().__init__(min=0, max=1)
-
-    def convert(self, value, param, ctx):
-        number = click.FLOAT.convert(value, param, ctx)  # "not a valid float" for text
-        try:
-            return super().convert(number, param, ctx)
-        except click.BadParameter:
-            self.fail(f"{value} is not between 0 and 1 (a share of U-Net parameters, e.g. 0.4)", param, ctx)
-
-
-POSITIVE = Finite(min=0, min_open=True)
-NON_NEGATIVE = Finite(min=0)
-SHARE = Share()
-BETA = Finite(min=0, max=1, max_open=True)
-COUNT = click.IntRange(min=1)
-SEED = click.IntRange(min=0, max=2**63 - 1)
-SIDE = click.IntRange(min=8)
-DEPTH = click.IntRange(min=0)
-TIMED_STEPS = click.IntRange(min=2)  # the first step of a measurement is warm-up
-
-
-def overwrite_option(what: str):
-    return click.option("--overwrite", is_flag=True,
-                        help=f"Replace an earlier {what} at --out (only if it holds nothing else).")
-
-
-def variant_option(default_text="the plain weight files"):
-    return click.option("--variant", type=click.Choice(VARIANTS), default=None,
-                        help="Diffusers weight variant --model was saved as (fp16: diffusion_pytorch_model.fp16"
-                             f".safetensors; computed in fp32). Default: {default_text}.")
-
-
-def model_options(f):
-    f = variant_option()(f)
-    f = click.option("--arch", type=click.Choice(ARCHS), default=None,
-                     help="Built-in architecture: tiny-toy (default: the tiny pipeline pretrained on the toy world, "
-                          "models/tiny-toy), tiny (the same architecture, random weights), tiny-bk-small/"
-                          "tiny-bk-tiny (small BK-SDM-shaped pipelines), or random weights for sd15, sd21, "
-                          "bk-sdm-base/small/tiny.")(f)
-    f = click.option("--model", type=click.Path(), default=None,
-                     help="Local diffusers Stable Diffusion folder (loaded with from_pretrained, local files only).")(f)
-    return f
-
-
-def plan_options(f):
-    for opt in reversed([
-        click.option("--fraction", type=SHARE, default=None,
-                     help="Target hollowed share of U-Net parameters (default 0.4, the paper's)."),
-        click.option("--depth", type=DEPTH, default=None, help="Hollow depth k (innermost skip pairs removed)."),
-        click.option("--rank", type=COUNT, default=128, show_default=True, help="LoRA rank."),
-        click.option("--alpha", type=POSITIVE, default=None, help="LoRA alpha (default: equal to the rank)."),
-        click.option("--targets", type=click.Choice(sorted(TARGET_PRESETS)), default="attn", show_default=True,
-                     help="LoRA targets: attn = to_q/to_k/to_v/to_out.0 (the paper's); attn+conv adds resnet convs."),
-        click.option("--blocks", default="", help="Block-wise LoRA: comma-separated blocks to adapt, "
-                     "e.g. up_blocks.1,up_blocks.2 (default: every kept block)."),
-        click.option("--resolution", type=SIDE, default=None, help="Image side in pixels (default: the model's)."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def plan_kwargs(fraction, depth, rank, alpha, targets, blocks, resolution) -> dict:
-    """The plan options as `hollow.plan.plan_from_options` takes them."""
-    return dict(fraction=fraction, depth=depth, rank=rank, alpha=alpha, targets=targets, blocks=blocks,
-                resolution=resolution)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
