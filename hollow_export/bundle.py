@@ -46,13 +46,18 @@ FROZEN_DTYPES = ("float32", "float16")
 DISABLE_OPTIMIZERS = "optimization.disable_specified_optimizers"
 
 
-def training_session() -> dict:
+def training_session(unknown_batch: bool = True) -> dict:
     """The ORT session settings of the training Module, named in the manifest; both clients apply them.
 
-    Measured on ORT 1.19.2 CPU (issue 13, mid 256 px r=128, whole fp32 lever bundle, step peak RSS):
-    - CPU arena off: the arena keeps every freed step buffer, so the peak grows by the largest transient
-      set; off, they go back to malloc (baseline bundle 1.72 -> 1.21 GB; memory pattern off measured the
-      same, arena off is kept).
+    `unknown_batch`: whether the training graph has the unknown batch dimension (`export/batch_dim.py`, the
+    default build); it decides the CPU arena. Measured on ORT 1.19.2 CPU (issue 13, step peak RSS):
+    - CPU arena ON with an unknown batch: ORT's planner then allocates every activation fresh and frees it
+      at its last use, and the arena recycles the freed blocks by size; off, each fresh buffer pays its page
+      faults (sd21 512 px r=128 all levers: 3.51 GB at 14.2 s with the arena, 3.37 GB at 21.4 s without;
+      the static-batch graph: 4.14 GB at 14.4 s).
+    - CPU arena OFF with a static batch (ablation builds): the arena keeps every freed step buffer, so the
+      peak grows by the largest transient set; off, they go back to malloc (mid 256 px baseline bundle
+      1.72 -> 1.21 GB; memory pattern off measured the same, arena off is kept).
     - the graph transformers ConstantFolding and NchwcTransformer off: with the frozen weights as
       initializers (format 2) instead of checkpoint-fed inputs, constant folding copies every weight it can
       fold (e.g. a transposed copy) and NCHWc re-lays every conv weight and wraps convs in reorder nodes;
@@ -62,8 +67,12 @@ def training_session() -> dict:
       external initializers are memory-mapped from frozen_weights.bin (clean, reclaimable pages). fp16 frozen weights need folding off
       anyway, or each Cast(fp16 initializer) is folded into an fp32 copy when the session is created.
     - no eval session unless evaluation is asked for (it holds its own copy of the weights).
+    - `enable_mem_reuse` off with an unknown batch: no activation's shape can match, so the allocations are
+      the same with it on (sd21 step peak 3.514 GB either way), but the planner then scans its whole free list
+      for every tensor: session creation 8.0 -> 1.6 s at tiny, 12.7 -> 2.4 s at sd21. Python-only (no C or
+      Java setter): the app gets the same memory and creates its session more slowly.
     """
-    return {"enable_cpu_mem_arena": False, "enable_mem_pattern": True,
+    return {"enable_cpu_mem_arena": unknown_batch, "enable_mem_pattern": True, "enable_mem_reuse": not unknown_batch,
             "config_entries": {DISABLE_OPTIMIZERS: "ConstantFolding;NchwcTransformer"}, "eval_session": False}
 
 
@@ -83,9 +92,14 @@ def _graph_io(path: Path, skip: set[str]) -> dict:
                 continue
             t = v.type.tensor_type
             out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                        "shape": [d.dim_param or d.dim_value for d in t.shape.dim]})
+                        "shape": [_dim(d) for d in t.shape.dim]})
         return out
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def _dim(d) -> int | str:
+    """A dimension as the manifest writes it: its value, its name, or "batch" when unknown (batch_dim.py)."""
+    return d.dim_value if d.HasField("dim_value") else (d.dim_param or "batch")
 
 
 def make_manifest(folder: Path, identity: dict, plan: dict, prompts: dict, lora: list[dict], frozen_params: int,
@@ -119,7 +133,7 @@ def make_manifest(folder: Path, identity: dict, plan: dict, prompts: dict, lora:
         "frozen": {"file": FROZEN_WEIGHTS, "dtype": frozen_dtype, "sha256": files[FROZEN_WEIGHTS]["sha256"],
                    "bytes": files[FROZEN_WEIGHTS]["bytes"]} if FROZEN_WEIGHTS in files
         else {"file": None, "dtype": "float32", "sha256": None, "bytes": 0},
-        "training_session": training_session(),
+        "training_session": training_session(bool(hyper.get("unknown_batch"))),
         "hyper": hyper,
         "memory": memory,
     }

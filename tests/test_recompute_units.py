@@ -41,13 +41,20 @@ def _held_unit_activations(model):
         for i in n.input:
             readers[i].append(n)
 
+    graph_inputs = {i.name for i in g.input}
+    shape_only = set()  # tensors computed from shapes and constants only (e.g. a batch-size Concat), not data
+    for n in g.node:  # topological order
+        if n.op_type in ("Shape", "Constant") or all(
+                i not in graph_inputs and (i not in prod or i in shape_only) for i in n.input if i):
+            shape_only.update(n.output)
+
     def from_outside_activation(t, u, seen):
         n = prod.get(t)
         if n is None or t in seen:
             return False
         seen.add(t)
         if unit(n) != u:
-            return n.op_type != "Constant"  # an activation entering the unit
+            return t not in shape_only  # an activation entering the unit
         return any(from_outside_activation(i, u, seen) for i in n.input)
 
     held = []

@@ -30,12 +30,13 @@ from .report import _fmt_bytes, _pyplot, format_table, save_figure, settings_tex
 # build levers (export.ort_training.EngineLevers, fields of BuildSettings) and session settings (as a
 # manifest's `training_session` names them, bundle.training_session: the bundle's own)
 LEVERS_OFF = {"attention_chunk": None, "recompute_attention": False, "recompute_units": False,
-              "frozen_external": False, "frozen_dtype": "float32"}
+              "frozen_external": False, "frozen_dtype": "float32", "unknown_batch": False}
 ALL_FP32 = {"attention_chunk": 512, "recompute_attention": True, "recompute_units": True, "frozen_external": True,
-            "frozen_dtype": "float32"}
+            "frozen_dtype": "float32", "unknown_batch": True}
 ALL_FP16 = {**ALL_FP32, "frozen_dtype": "float16"}
 ORT_DEFAULT = {"enable_cpu_mem_arena": True, "enable_mem_pattern": True, "config_entries": {}, "eval_session": True}
 TRAINING_SESSION = fmt.training_session()
+STATIC_BATCH_SESSION = fmt.training_session(unknown_batch=False)  # the bundle's session for a static-batch graph
 # frozen weights as initializers need ConstantFolding and NchwcTransformer off, or ORT copies them at load
 TRANSFORMERS_OFF = {**ORT_DEFAULT, "config_entries": TRAINING_SESSION["config_entries"]}
 
@@ -62,7 +63,9 @@ ROWS = {
     # the issue-13 ablation
     "baseline": Row("hollowed", "Hollowed, no lever, ORT default session + eval session", LEVERS_OFF),
     "session": Row("hollowed", "+ the bundle's session settings (CPU arena off, no eval session)", LEVERS_OFF,
-                   TRAINING_SESSION, "baseline"),
+                   STATIC_BATCH_SESSION, "baseline"),
+    "unknown_batch": Row("hollowed", "+ unknown batch dimension (each activation freed at its last use; arena on)",
+                         {**LEVERS_OFF, "unknown_batch": True}, baseline="baseline"),
     "recompute": Row("hollowed", "+ softmax recomputed in the backward", {**LEVERS_OFF, "recompute_attention": True},
                      baseline="baseline"),
     "recompute_chunk": Row("hollowed", "+ recompute + query-chunked attention (512)",
@@ -78,6 +81,8 @@ ROWS = {
     "all_fp16": Row("hollowed", "all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION, "baseline"),
     "all_but_units": Row("hollowed", "all levers but unit recompute, fp32 frozen", {**ALL_FP32, "recompute_units": False},
                          TRAINING_SESSION, "baseline"),
+    "all_but_batch": Row("hollowed", "all levers but the unknown batch (static shapes, arena off), fp32 frozen",
+                         {**ALL_FP32, "unknown_batch": False}, STATIC_BATCH_SESSION, "baseline"),
     "lora_baseline": Row("lora", "plain LoRA, no lever, ORT default session + eval session", LEVERS_OFF),
     "lora_all": Row("lora", "plain LoRA, all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, "lora_baseline"),
     "lora_all_fp16": Row("lora", "plain LoRA, all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION,
@@ -88,14 +93,18 @@ ROWS = {
     "inference_lean": Row("inference", "U-Net inference, CPU arena and memory pattern off",
                           session={**ORT_DEFAULT, "enable_cpu_mem_arena": False, "enable_mem_pattern": False},
                           baseline="inference_default"),
-    "inference_bundle_session": Row("inference", "U-Net inference, the training bundle's session (arena, folding, "
-                                    "NCHWc off)", session=TRAINING_SESSION, baseline="inference_default"),
+    "inference_bundle_session": Row("inference", "U-Net inference, the static-batch bundle's session (arena, "
+                                    "folding, NCHWc off)", session=STATIC_BATCH_SESSION, baseline="inference_default"),
+    "inference_unknown_batch": Row("inference", "U-Net inference, unknown batch dimension (batch_dim.py), ORT "
+                                   "default session", {"unknown_batch": True}, baseline="inference_default"),
 }
 DEFAULT_ROWS = ("hollowed", "lora", "inference")
 ABLATION = ("baseline", "session", "recompute", "recompute_chunk", "recompute_units", "frozen_external",
-            "frozen_fp16", "all_but_units", "all_fp32", "all_fp16", "lora_baseline", "lora_all", "lora_all_fp16", "inference_default", "inference_best",
-            "inference_lean", "inference_bundle_session")
-INFERENCE_ROWS = ("inference", "inference_default", "inference_best", "inference_lean", "inference_bundle_session")
+            "frozen_fp16", "unknown_batch", "all_but_units", "all_but_batch", "all_fp32", "all_fp16", "lora_baseline",
+            "lora_all", "lora_all_fp16", "inference_default", "inference_best", "inference_lean",
+            "inference_bundle_session", "inference_unknown_batch")
+INFERENCE_ROWS = ("inference", "inference_default", "inference_best", "inference_lean", "inference_bundle_session",
+                  "inference_unknown_batch")
 
 
 def child_ort_build(spec: dict) -> dict:
@@ -125,8 +134,19 @@ def child_ort_build(spec: dict) -> dict:
         else:
             export_inference(FullUNet(unet), full_unet_args(plan, with_target=False), out / "unet.onnx",
                              list(FULL_UNET_INPUTS), ["out_sample"], None)
+            if (spec.get("build") or {}).get("unknown_batch"):
+                _unknown_batch_in_place(out / "unet.onnx", list(FULL_UNET_INPUTS))
     return {"build_seconds": time.time() - started, "build_peak_rss_bytes": peak_rss_bytes(),
             **folder_bytes(out)}
+
+
+def _unknown_batch_in_place(path: Path, inputs: list[str]) -> None:
+    import onnx
+
+    from ..export.batch_dim import unknown_batch
+    model = onnx.load(str(path), load_external_data=False)  # the weights stay in their data file
+    unknown_batch(model, inputs)
+    onnx.save(model, str(path))
 
 
 def folder_bytes(folder: Path) -> dict:
@@ -399,7 +419,7 @@ def ratios(by: dict) -> dict:
              ("all_fp32", "inference_default"), ("all_fp32", "inference_best_measured"),
              ("all_fp16", "inference_best_measured"), ("all_fp32", "lora_all"), ("all_fp16", "lora_all_fp16"),
              ("baseline", "lora_baseline"), ("baseline", "inference_default"), ("all_fp32", "baseline"),
-             ("all_fp16", "baseline"), ("all_fp32", "all_but_units")]
+             ("all_fp16", "baseline"), ("all_fp32", "all_but_units"), ("all_fp32", "all_but_batch")]
     out = {}
     for a, b in pairs:
         if a in by and b in by and _peak(by[a]) and _peak(by[b]):

@@ -4,7 +4,7 @@ In:  an ONNX graph path (and optionally a thread count); for training, a bundle.
 Out: `session_options(...)` -> the one `onnxruntime.SessionOptions` factory (quiet, CPU arena,
      memory pattern, config entries); `inference_session(path)` -> an `onnxruntime.InferenceSession`
      on the CPU provider; `training_module(folder, state, settings)` -> (Module, Optimizer) opened with
-     `training_session` settings (a bundle's, bundle.py: CPU arena off, ConstantFolding and
+     `training_session` settings (a bundle's, bundle.py: CPU arena as named, ConstantFolding and
      NchwcTransformer off, no eval session unless asked); `training_options(settings)` -> those
      settings as SessionOptions (for graphs without a manifest, e.g. the bench's plain-LoRA
      baseline: `training_options(bundle.training_session())`); `training_api()` -> `onnxruntime.training.api` entered
@@ -40,7 +40,7 @@ def training_api():
 
 
 def session_options(threads: int | None = None, cpu_arena: bool = True, mem_pattern: bool = True,
-                    config: dict | None = None):
+                    config: dict | None = None, mem_reuse: bool = True):
     """Quiet CPU session options; `threads` sets the intra-op thread count, `config` session-config entries.
 
     The Java twins (ORT 1.19.2 `OrtSession.SessionOptions`): `setIntraOpNumThreads`,
@@ -54,6 +54,7 @@ def session_options(threads: int | None = None, cpu_arena: bool = True, mem_patt
         options.intra_op_num_threads = threads
     options.enable_cpu_mem_arena = cpu_arena
     options.enable_mem_pattern = mem_pattern
+    options.enable_mem_reuse = mem_reuse  # Python-only: no Java (nor C API) twin, see bundle.training_session
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
     return options
@@ -62,7 +63,8 @@ def session_options(threads: int | None = None, cpu_arena: bool = True, mem_patt
 def training_options(settings: dict, threads: int | None = None):
     """Session options from a manifest's `training_session` settings (bundle.training_session)."""
     return session_options(threads, cpu_arena=settings["enable_cpu_mem_arena"],
-                           mem_pattern=settings["enable_mem_pattern"], config=settings["config_entries"])
+                           mem_pattern=settings["enable_mem_pattern"], config=settings["config_entries"],
+                           mem_reuse=settings.get("enable_mem_reuse", True))
 
 
 def training_module(folder: Path, state, settings: dict, threads: int | None = None):

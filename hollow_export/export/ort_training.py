@@ -9,7 +9,8 @@ Out: training_model.onnx, eval_model.onnx, optimizer_model.onnx (AdamW with PyTo
 
 The memory levers of issue 13 (`EngineLevers`, each can be switched off for the ablation bench):
 attention exported query-chunked (`attention.py`), every softmax output recomputed in the backward
-(`recompute.py`), every kept unit's activations recomputed in the backward (`recompute_units.py`), frozen weights out of the checkpoint in one external-data file (`frozen.py`).
+(`recompute.py`), every kept unit's activations recomputed in the backward (`recompute_units.py`), frozen weights out of the checkpoint in one external-data file (`frozen.py`), and an
+unknown batch dimension, so ORT's planner frees each activation at its last use (`batch_dim.py`).
 
 The training graph is exported without its frozen weights: they become named graph inputs (later
 external initializers in frozen_weights.bin), and the checkpoint is written from the torch tensors
@@ -33,6 +34,7 @@ from torch import nn
 from .. import bundle as fmt
 from ..hollow.lora import AdamWSettings
 from .attention import chunked_attention
+from .batch_dim import unknown_batch
 from .frozen import attach_frozen, write_frozen_data
 from .onnx import OPSET, ort_friendly
 from .recompute import recompute_attention
@@ -51,6 +53,7 @@ class EngineLevers:
     recompute_units: bool = True  # each unit's activations recomputed in the backward (recompute_units.py)
     frozen_external: bool = True  # frozen weights in frozen_weights.bin; False (ablation): in the checkpoint
     frozen_dtype: str = "float32"  # float32 | float16 storage of the frozen weights
+    unknown_batch: bool = True  # inputs' batch dimension unknown, so ORT frees each activation at its last use (batch_dim.py)
 
 
 def _lift_frozen_to_inputs(model: onnx.ModelProto, frozen: set[str]) -> list[str]:
@@ -131,14 +134,18 @@ def write_checkpoint(net: nn.Module, trainable: list[str], frozen: list[str], pa
     save_checkpoint(([proto(n) for n in trainable], [proto(n) for n in frozen]), str(path))
 
 
-def rewrite_training_graph(path: Path, attention: bool = True, units: bool = True) -> None:
+def rewrite_training_graph(path: Path, attention: bool = True, units: bool = True,
+                           batch_inputs: list[str] | None = None) -> None:
     """Recompute every attention's softmax (`attention`), then every unit's activations (`units`), in the
-    backward of the training graph at `path` (in place)."""
+    backward of the training graph at `path`, then make the batch dimension of `batch_inputs` unknown
+    (None: leave it) (in place)."""
     model = onnx.load(str(path))
     if attention:
         recompute_attention(model)
     if units:
         recompute_units(model)
+    if batch_inputs:
+        unknown_batch(model, batch_inputs)
     onnx.save(model, str(path))
 
 
@@ -164,8 +171,9 @@ def write_artifacts(net: nn.Module, args: tuple, input_names: list[str], out: Pa
     generate_training_artifacts(graph, trainable, out, settings)
     graph.unlink()
     gc.collect()
-    if levers.recompute_attention or levers.recompute_units:
-        rewrite_training_graph(out / fmt.TRAINING_MODEL, levers.recompute_attention, levers.recompute_units)
+    if levers.recompute_attention or levers.recompute_units or levers.unknown_batch:
+        rewrite_training_graph(out / fmt.TRAINING_MODEL, levers.recompute_attention, levers.recompute_units,
+                               input_names if levers.unknown_batch else None)
     if levers.frozen_external:
         store_frozen(net, frozen, out, levers.frozen_dtype)
     write_checkpoint(net, trainable, [] if levers.frozen_external else frozen, out / fmt.CHECKPOINT)

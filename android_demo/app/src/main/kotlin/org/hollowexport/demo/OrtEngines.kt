@@ -43,7 +43,8 @@ private fun options(threads: Int): OrtSession.SessionOptions = OrtSession.Sessio
 
 /**
  * The training session's options: the bundle's `training_session` settings (PROTOCOL.md section 5),
- * the same the Python runtime applies (hollow_export/device/ort_session.py): CPU arena off, memory
+ * the same the Python runtime applies (hollow_export/device/ort_session.py): the CPU arena as named (on
+ * for the default graph, whose unknown batch dimension makes ORT free each activation at its last use), memory
  * pattern as named, and the config entries (graph transformers ConstantFolding and NchwcTransformer
  * off, so ORT neither copies nor re-lays the frozen weights and fp16 weights stay fp16 in memory).
  */
@@ -55,6 +56,9 @@ private fun trainingOptions(settings: TrainingSessionSettings, threads: Int): Or
             // OrtSession.java, SessionOptions.addConfigEntry(String, String): session-config entries, e.g.
             // "optimization.disable_specified_optimizers" -> "ConstantFolding;NchwcTransformer"
             for ((key, value) in settings.configEntries) addConfigEntry(key, value)
+            // settings.memReuse (enable_mem_reuse) has no Java setter in ORT 1.19.2 (nor in its C API). The
+            // default graph's unknown batch dimension leaves ORT's planner nothing to reuse anyway, so the
+            // allocations are the same; the planner only spends longer creating the session (sd21: ~13 s).
         }
 
 private fun floats(value: Any?, name: String): FloatArray {

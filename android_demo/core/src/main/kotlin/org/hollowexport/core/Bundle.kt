@@ -49,9 +49,11 @@ class FrozenWeights(val file: String?, val dtype: String, val sha256: String?, v
  * The `training_session` block: the ORT session settings of the training session, applied by the app
  * (OrtEngines.kt) as the Python runtime applies them (device/ort_session.py). `configEntries` are
  * session-config entries (`SessionOptions.addConfigEntry`); `evalSession` false: no eval graph is loaded.
+ * `memReuse` (`enable_mem_reuse`, absent = true): ORT's planner reuse; the Java API has no setter for it, and
+ * with the default graph's unknown batch dimension it changes no allocation (PROTOCOL.md section 5).
  */
 class TrainingSessionSettings(val cpuArena: Boolean, val memPattern: Boolean, val configEntries: Map<String, String>,
-                              val evalSession: Boolean)
+                              val evalSession: Boolean, val memReuse: Boolean = true)
 
 /**
  * A bundle folder after the checks of PROTOCOL.md section 1: format and version, and (with
@@ -112,7 +114,7 @@ class Bundle private constructor(val dir: File, val json: JsonObject, val id: St
                 ?.asBoolean ?: throw BundleException("$w lacks the boolean $key")
         TrainingSessionSettings(flag("enable_cpu_mem_arena"), flag("enable_mem_pattern"),
                 Json.obj(t, "config_entries", w).entrySet().associate { (k, v) -> k to v.asString },
-                flag("eval_session"))
+                flag("eval_session"), if (t.has("enable_mem_reuse")) flag("enable_mem_reuse") else true)
     }
 
     /** The `memory` block (parameter bytes of each part, buffer bytes per sample). */

@@ -89,6 +89,7 @@ object ProtocolTool {
                 "frozen" to linkedMapOf("file" to b.frozen.file, "dtype" to b.frozen.dtype, "sha256" to b.frozen.sha256),
                 "training_session" to linkedMapOf("enable_cpu_mem_arena" to b.trainingSession.cpuArena,
                         "enable_mem_pattern" to b.trainingSession.memPattern,
+                        "enable_mem_reuse" to b.trainingSession.memReuse,
                         "config_entries" to b.trainingSession.configEntries,
                         "eval_session" to b.trainingSession.evalSession))
     }
