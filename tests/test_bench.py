@@ -283,9 +283,10 @@ def test_ort_bench_on_tiny_trains_each_bundle_without_torch(tmp_path, monkeypatc
 
 def test_ort_ablation_shares_builds_and_measures_each_lever_against_its_baseline(tmp_path):
     result = ort.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, threads=2, out=tmp_path,
-                           kinds=("baseline", "session", "all_fp16"), log=lambda *_: None)
+                           kinds=("baseline", "session", "all_fp16", "inference_default", "inference_unknown_batch"),
+                           log=lambda *_: None)
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["baseline", "session", "all_fp16"]
+    assert list(rows) == ["baseline", "session", "all_fp16", "inference_default", "inference_unknown_batch"]
     for r in rows.values():
         assert "error" not in r, r.get("error")
         assert r["torch_loaded"] is False
@@ -298,6 +299,9 @@ def test_ort_ablation_shares_builds_and_measures_each_lever_against_its_baseline
     assert rows["session"]["loss_rel_diff"] == 0 and rows["session"]["lora_update_rel_diff"] == 0
     # fp16 frozen weights: the training math moves only by fp16 rounding of the weights
     assert 0 < rows["all_fp16"]["loss_rel_diff"] < 1e-2 and 0 < rows["all_fp16"]["lora_update_rel_diff"] < 0.5
+    # the unknown-batch inference graph (its own build) computes the same U-Net output
+    assert rows["inference_unknown_batch"]["build_seconds"] != rows["inference_default"]["build_seconds"]
+    assert rows["inference_unknown_batch"]["output_rel_diff"] < 1e-6
     # the lever-free checkpoint holds every kept base weight (fp32); the levered one LoRA + state only, and the
     # kept weights sit once in the bundle as fp16: sizes against the plan's own parameter counts
     unet = load_unet(arch="tiny")

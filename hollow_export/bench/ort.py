@@ -37,6 +37,7 @@ ALL_FP16 = {**ALL_FP32, "frozen_dtype": "float16"}
 ORT_DEFAULT = {"enable_cpu_mem_arena": True, "enable_mem_pattern": True, "config_entries": {}, "eval_session": True}
 TRAINING_SESSION = fmt.training_session()
 STATIC_BATCH_SESSION = fmt.training_session(unknown_batch=False)  # the bundle's session for a static-batch graph
+FP16_SESSION = fmt.training_session(frozen_dtype="float16")  # the bundle's session with fp16 frozen weights
 # frozen weights as initializers need ConstantFolding and NchwcTransformer off, or ORT copies them at load
 TRANSFORMERS_OFF = {**ORT_DEFAULT, "config_entries": TRAINING_SESSION["config_entries"]}
 
@@ -78,14 +79,14 @@ ROWS = {
                        {**LEVERS_OFF, "frozen_external": True, "frozen_dtype": "float16"}, TRANSFORMERS_OFF,
                        "baseline"),
     "all_fp32": Row("hollowed", "all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, "baseline"),
-    "all_fp16": Row("hollowed", "all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION, "baseline"),
+    "all_fp16": Row("hollowed", "all levers, fp16 frozen", ALL_FP16, FP16_SESSION, "baseline"),
     "all_but_units": Row("hollowed", "all levers but unit recompute, fp32 frozen", {**ALL_FP32, "recompute_units": False},
                          TRAINING_SESSION, "baseline"),
     "all_but_batch": Row("hollowed", "all levers but the unknown batch (static shapes, arena off), fp32 frozen",
                          {**ALL_FP32, "unknown_batch": False}, STATIC_BATCH_SESSION, "baseline"),
     "lora_baseline": Row("lora", "plain LoRA, no lever, ORT default session + eval session", LEVERS_OFF),
     "lora_all": Row("lora", "plain LoRA, all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, "lora_baseline"),
-    "lora_all_fp16": Row("lora", "plain LoRA, all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION,
+    "lora_all_fp16": Row("lora", "plain LoRA, all levers, fp16 frozen", ALL_FP16, FP16_SESSION,
                          "lora_baseline"),
     "inference_default": Row("inference", "U-Net inference, ORT default session"),
     "inference_best": Row("inference", "U-Net inference, CPU arena off",
@@ -97,14 +98,17 @@ ROWS = {
                                     "folding, NCHWc off)", session=STATIC_BATCH_SESSION, baseline="inference_default"),
     "inference_unknown_batch": Row("inference", "U-Net inference, unknown batch dimension (batch_dim.py), ORT "
                                    "default session", {"unknown_batch": True}, baseline="inference_default"),
+    "inference_unknown_batch_session": Row("inference", "U-Net inference, unknown batch dimension, the bundle's "
+                                           "session (arena on, folding, NCHWc and planner reuse off)",
+                                           {"unknown_batch": True}, TRAINING_SESSION, "inference_default"),
 }
 DEFAULT_ROWS = ("hollowed", "lora", "inference")
 ABLATION = ("baseline", "session", "recompute", "recompute_chunk", "recompute_units", "frozen_external",
             "frozen_fp16", "unknown_batch", "all_but_units", "all_but_batch", "all_fp32", "all_fp16", "lora_baseline",
             "lora_all", "lora_all_fp16", "inference_default", "inference_best", "inference_lean",
-            "inference_bundle_session", "inference_unknown_batch")
+            "inference_bundle_session", "inference_unknown_batch", "inference_unknown_batch_session")
 INFERENCE_ROWS = ("inference", "inference_default", "inference_best", "inference_lean", "inference_bundle_session",
-                  "inference_unknown_batch")
+                  "inference_unknown_batch", "inference_unknown_batch_session")
 
 
 def child_ort_build(spec: dict) -> dict:

@@ -4,8 +4,10 @@ In:  an `onnx.ModelProto` exported at batch 1 (`training_model.onnx` after `gene
      recompute rewrites, or an inference graph) and the names of its batch inputs (`sample`, ...).
 Out: the same model, changed in place: the batch inputs' first dimension is unknown (neither a value nor a
      name), every Reshape / Expand whose constant target shape starts with the batch (1) takes that first
-     entry from `Shape(first batch input)[0:1]` instead, and the stale `value_info` is dropped. The math
-     and the kernels are unchanged; the graph still runs at batch 1 (and now says so only at run time).
+     entry from `Shape(first batch input)[0:1]` instead (shapes a graph already computes with Shape nodes,
+     as an export without constant folding writes them, follow the inputs by themselves), and the stale
+     `value_info` is dropped. The math and the kernels are unchanged; the graph still runs at batch 1
+     (and now says so only at run time).
      `unknown_batch` returns the number of Reshape / Expand nodes rewired.
 
 Why. ORT's sequential allocation planner (1.19.2, `allocation_planner.cc`) lets a new tensor take the buffer
@@ -27,7 +29,8 @@ turns the arena ON with this rewrite (`bundle.training_session`): the arena recy
 at run time, without holding them for later tensors.
 
 Refusals (`BatchError`): a named batch input missing from the graph or whose first dimension is not the
-static 1 (this includes a second rewrite), and a graph with no batch-1 shape constant to rewire.
+static 1 (this includes a second rewrite), and a graph with neither a batch-1 shape constant to rewire nor
+a Shape node (nothing would carry the batch).
 
 Torch-free (onnx and numpy only).
 """
@@ -66,9 +69,9 @@ def unknown_batch(model: onnx.ModelProto, inputs: list[str]) -> int:
             rewired[node.input[1]] = _runtime_shape(graph, node.input[1], shape, batch, added)
         node.input[1] = rewired[node.input[1]]
         count += 1
-    if not count:
-        raise BatchError("no Reshape or Expand with a batch-1 constant shape in this graph: it was not exported "
-                         "at batch 1 from a diffusers U-Net, or has been rewritten already")
+    if not count and not any(node.op_type == "Shape" for node in graph.node):
+        raise BatchError("no Reshape or Expand with a batch-1 constant shape and no Shape node in this graph: "
+                         "nothing carries the batch, so it was not exported from a diffusers U-Net at batch 1")
     for value in batch_inputs:
         value.type.tensor_type.shape.dim[0].Clear()  # unknown: no dim_value, no dim_param
     del graph.value_info[:]  # inferred at batch 1; ORT would merge them back into the shapes
