@@ -108,3 +108,18 @@ def test_rewriting_twice_is_refused(plain):
     recompute_units(model)
     with pytest.raises(RecomputeError, match="already"):
         recompute_units(model)
+
+
+def test_recompute_levels_rewrite_only_the_high_resolution_units(tmp_path):
+    static = _build(tmp_path / "static", BuildSettings(lr=1e-3, recompute_units=False, unknown_batch=False))
+    every = recompute_units(onnx.load(str(static / fmt.TRAINING_MODEL)))
+    shutil.copytree(static, tmp_path / "top")
+    model = onnx.load(str(tmp_path / "top" / fmt.TRAINING_MODEL))
+    count = recompute_units(model, levels=1)
+    assert 0 < count < every
+    held = {u for _, _, u in _held_unit_activations(model)}
+    assert held  # the low-resolution units keep their activations for the backward
+    onnx.save(model, str(tmp_path / "top" / fmt.TRAINING_MODEL))
+    assert_trains_identically(tmp_path / "top", static, steps=3)
+    with pytest.raises(RecomputeError, match="at least 1"):
+        recompute_units(onnx.load(str(static / fmt.TRAINING_MODEL)), levels=0)

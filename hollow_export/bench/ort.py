@@ -82,6 +82,8 @@ ROWS = {
     "all_fp16": Row("hollowed", "all levers, fp16 frozen", ALL_FP16, FP16_SESSION, "baseline"),
     "all_but_units": Row("hollowed", "all levers but unit recompute, fp32 frozen", {**ALL_FP32, "recompute_units": False},
                          TRAINING_SESSION, "baseline"),
+    "all_top2_units": Row("hollowed", "all levers, units recomputed at the 2 highest resolutions only, fp32 frozen",
+                          {**ALL_FP32, "recompute_levels": 2}, TRAINING_SESSION, "baseline"),
     "all_but_batch": Row("hollowed", "all levers but the unknown batch (static shapes, arena off), fp32 frozen",
                          {**ALL_FP32, "unknown_batch": False}, STATIC_BATCH_SESSION, "baseline"),
     "lora_baseline": Row("lora", "plain LoRA, no lever, ORT default session + eval session", LEVERS_OFF),

@@ -51,6 +51,7 @@ class EngineLevers:
     attention_chunk: int | None = 512  # query tokens per attention chunk (measured at 64x64 latents); None: whole
     recompute_attention: bool = True  # softmax outputs recomputed in the backward (recompute.py)
     recompute_units: bool = True  # each unit's activations recomputed in the backward (recompute_units.py)
+    recompute_levels: int | None = None  # unit recompute only at the N highest resolutions (None: every unit)
     frozen_external: bool = True  # frozen weights in frozen_weights.bin; False (ablation): in the checkpoint
     frozen_dtype: str = "float32"  # float32 | float16 storage of the frozen weights
     unknown_batch: bool = True  # inputs' batch dimension unknown, so ORT frees each activation at its last use (batch_dim.py)
@@ -135,7 +136,7 @@ def write_checkpoint(net: nn.Module, trainable: list[str], frozen: list[str], pa
 
 
 def rewrite_training_graph(path: Path, attention: bool = True, units: bool = True,
-                           batch_inputs: list[str] | None = None) -> None:
+                           batch_inputs: list[str] | None = None, levels: int | None = None) -> None:
     """Recompute every attention's softmax (`attention`), then every unit's activations (`units`), in the
     backward of the training graph at `path`, then make the batch dimension of `batch_inputs` unknown
     (None: leave it) (in place)."""
@@ -143,7 +144,7 @@ def rewrite_training_graph(path: Path, attention: bool = True, units: bool = Tru
     if attention:
         recompute_attention(model)
     if units:
-        recompute_units(model)
+        recompute_units(model, levels)
     if batch_inputs:
         unknown_batch(model, batch_inputs)
     onnx.save(model, str(path))
@@ -173,7 +174,7 @@ def write_artifacts(net: nn.Module, args: tuple, input_names: list[str], out: Pa
     gc.collect()
     if levers.recompute_attention or levers.recompute_units or levers.unknown_batch:
         rewrite_training_graph(out / fmt.TRAINING_MODEL, levers.recompute_attention, levers.recompute_units,
-                               input_names if levers.unknown_batch else None)
+                               input_names if levers.unknown_batch else None, levers.recompute_levels)
     if levers.frozen_external:
         store_frozen(net, frozen, out, levers.frozen_dtype)
     write_checkpoint(net, trainable, [] if levers.frozen_external else frozen, out / fmt.CHECKPOINT)

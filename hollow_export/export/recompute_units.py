@@ -83,10 +83,15 @@ def unit_of_nodes(graph: onnx.GraphProto, forward: set[int]) -> dict[int, int]:
     return unit
 
 
-def recompute_units(model: onnx.ModelProto) -> int:
+def recompute_units(model: onnx.ModelProto, levels: int | None = None) -> int:
     """Point every backward reader of a unit's activation at a dY-gated copy of the unit's forward, in place.
 
-    Returns the number of units rewritten. Raises RecomputeError as the module docstring says.
+    `levels`: only the units of the `levels` highest resolutions are recomputed (None: every unit); a unit's
+    level is read from its output's element count, which halves from one level of an SD U-Net to the next
+    (twice the channels on a quarter of the pixels), so a unit is recomputed when its output holds at least
+    1 / 2**(levels - 1) of the largest unit output. The low-resolution units keep their activations: little
+    memory for much convolution work. Returns the number of units rewritten. Raises RecomputeError as the
+    module docstring says.
     """
     graph = model.graph
     if any(init.name == f"{PREFIX}/zero" for init in graph.initializer):
@@ -116,13 +121,16 @@ def recompute_units(model: onnx.ModelProto) -> int:
         numpy_helper.from_array(np.array([1], np.int64), f"{PREFIX}/end"),
     ])
     added, redirect, rewritten = [], {}, 0
+    outputs_of = {u: [o for k in sorted(members[u]) for o in nodes[k].output
+                      if o and (o in graph_outputs or any(r in forward and r not in members[u] for r in readers[o]))]
+                  for u in members}
+    kept = _units_below(graph, outputs_of, levels)
     for u in sorted(members):
         inside = set(members[u])
-        outputs = [o for k in sorted(inside) for o in nodes[k].output
-                   if o and (o in graph_outputs or any(r in forward and r not in inside for r in readers[o]))]
+        outputs = outputs_of[u]
         saved = [o for k in sorted(inside) for o in nodes[k].output
                  if o and o not in outputs and any(r not in forward for r in readers[o])]
-        if not saved:
+        if not saved or u in kept:
             continue
         grads = [o + "_grad" for o in outputs if o + "_grad" in producer and producer[o + "_grad"] not in forward]
         if not grads:
@@ -175,6 +183,25 @@ def recompute_units(model: onnx.ModelProto) -> int:
     read_weights_untransposed(graph)
     _sort_topologically(graph)
     return rewritten
+
+
+def _units_below(graph: onnx.GraphProto, outputs_of: dict, levels: int | None) -> set:
+    """Units whose largest output has fewer than max / 2**(levels - 1) elements (static shapes as exported)."""
+    if levels is None:
+        return set()
+    if levels < 1:
+        raise RecomputeError(f"recompute levels must be at least 1 (got {levels})")
+    dims = {v.name: v.type.tensor_type.shape.dim for v in list(graph.value_info) + list(graph.output)}
+
+    def elements(name):
+        d = dims.get(name)
+        return int(np.prod([x.dim_value for x in d])) if d and all(x.HasField("dim_value") for x in d) else None
+
+    size = {u: max((elements(o) or 0 for o in outs), default=0) for u, outs in outputs_of.items()}
+    if not any(size.values()):
+        raise RecomputeError("no unit output has a static shape in this graph: the levels cannot be told apart")
+    floor = max(size.values()) / 2 ** (levels - 1)
+    return {u for u, n in size.items() if 0 < n < floor}
 
 
 def read_weights_untransposed(graph: onnx.GraphProto) -> int:
