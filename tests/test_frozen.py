@@ -127,3 +127,32 @@ def test_fp16_frozen_weights_give_a_close_loss_and_half_the_bytes(bundles):
     assert manifest["training_session"]["enable_cpu_mem_arena"] is False
     assert json.loads((bundles["fp32"] / fmt.MANIFEST).read_text())["training_session"]["enable_cpu_mem_arena"] is True
     assert "ConstantFolding" in manifest["training_session"]["config_entries"][fmt.DISABLE_OPTIMIZERS].split(";")
+
+
+def test_fp16_weight_casts_wait_for_their_readers(bundles):
+    """Independent inspection of the fp16 training graph: an fp32 copy made from the weights alone (which ORT may
+    run at any time and hold) is read only by nodes with no computed activation to wait for; every other copy
+    depends on its reader's activation, so it cannot run before that reader's input exists."""
+    graph = onnx.load(str(bundles["fp16"] / fmt.TRAINING_MODEL), load_external_data=False).graph
+    from_weights = {i.name for i in graph.initializer}  # tensors computed from initializers and constants only
+    changed = True  # the graphs need not be in topological order: iterate to a fixed point
+    while changed:
+        changed = False
+        for n in graph.node:
+            if n.output[0] not in from_weights and all(i in from_weights for i in n.input if i):
+                from_weights.update(o for o in n.output if o)
+                changed = True
+    readers = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    produced = {o for n in graph.node for o in n.output if o}
+    fp16 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    early = [n for n in graph.node if n.op_type == "Cast" and n.input[0] in fp16]
+    gated = [n for n in graph.node if n.op_type == "Cast" and n.input[0] not in from_weights
+             and n.name.startswith("frozen16/") and n.attribute[0].i == onnx.TensorProto.FLOAT]
+    assert len(gated) > 20
+    for cast in early:
+        for reader in readers.get(cast.output[0], []):
+            waits = [i for i in reader.input if i in produced and i not in from_weights]
+            assert not waits, f"{reader.name} reads an early fp32 weight copy though it could wait for {waits[0]}"

@@ -43,6 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..bundle import FROZEN_WEIGHTS
 from ..errors import HollowError
+from .recompute_units import sort_topologically
 
 FROZEN_DATA = FROZEN_WEIGHTS
 ALIGN = 4096
@@ -140,7 +141,7 @@ def _insert_casts(graph: onnx.GraphProto, names: list[str], dims: dict) -> None:
             readers[i].append(k)
     graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), f"{PREFIX}/flat"),
                               numpy_helper.from_array(np.array([0], np.int64), f"{PREFIX}/zero")])
-    added = []
+    added, forward_casts = [], []  # the forward readers' gated Casts go last: see below
     for w in names:
         tag = f"{PREFIX}/{w}"
         graph.initializer.append(numpy_helper.from_array(np.array(dims[w], np.int64), tag + "/shape"))
@@ -157,7 +158,7 @@ def _insert_casts(graph: onnx.GraphProto, names: list[str], dims: dict) -> None:
                 shared.append(reader)
                 continue
             t = f"{tag}/{'b' if backward else 'f'}{j}"
-            added += [
+            (added if backward else forward_casts).extend([
                 helper.make_node("Reshape", [gate, f"{PREFIX}/flat"], [t + "/g"], name=t + "/g"),
                 helper.make_node("Slice", [t + "/g", f"{PREFIX}/zero", f"{PREFIX}/zero"], [t + "/empty"],
                                  name=t + "/empty"),
@@ -167,13 +168,16 @@ def _insert_casts(graph: onnx.GraphProto, names: list[str], dims: dict) -> None:
                 helper.make_node("Concat", [t + "/w", t + "/empty16"], [t + "/wg"], name=t + "/wg", axis=0),
                 helper.make_node("Cast", [t + "/wg"], [t + "/wf"], name=t + "/cast", to=TensorProto.FLOAT),
                 helper.make_node("Reshape", [t + "/wf", tag + "/shape"], [t + "/f32"], name=t + "/f32"),
-            ]
+            ])
             _rename_input(reader, w, t + "/f32")
         if shared:
             added.append(helper.make_node("Cast", [w], [tag + "/f32"], name=tag + "/cast", to=TensorProto.FLOAT))
             for reader in shared:
                 _rename_input(reader, w, tag + "/f32")
-    graph.node.extend(added)
+    graph.node.extend(added + forward_casts)
+    # ORT runs the graph close to its node order: sorted with the forward Casts last, each runs right before
+    # its reader (sd21 fp16 step peak 2.39 GB; 3.05 GB left appended unsorted, 2.96 GB sorted in weight order)
+    sort_topologically(graph)
 
 
 def _rename_input(node: onnx.NodeProto, old: str, new: str) -> None:

@@ -181,7 +181,7 @@ def recompute_units(model: onnx.ModelProto, levels: int | None = None) -> int:
                     n.input[j] = redirect[i]
     graph.node.extend(added)
     read_weights_untransposed(graph)
-    _sort_topologically(graph)
+    sort_topologically(graph)
     return rewritten
 
 
@@ -256,7 +256,7 @@ def _ancestors_inside(nodes, producer: dict, inside: set[int], tensors: list[str
     return seen
 
 
-def _sort_topologically(graph: onnx.GraphProto) -> None:
+def sort_topologically(graph: onnx.GraphProto) -> None:
     """Reorder graph.node topologically (stable); a cycle is a RecomputeError (nothing is written then)."""
     nodes = list(graph.node)
     producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
