@@ -57,8 +57,9 @@ def training_session(unknown_batch: bool = True, frozen_dtype: str = "float32") 
       each fresh buffer pays its page faults (3.51 GB at 14.2 s with the arena, 3.37 GB at 21.4 s without;
       the static-batch graph: 4.14 GB at 14.4 s).
     - CPU arena OFF with fp16 frozen weights: the fp32 copies the Casts make, one weight-sized block of each
-      size, fragment the arena (4.00 GB at 14.2 s with it, 3.34 GB at 24.8 s without; the memory is what
-      an fp16 bundle is chosen for).
+      size, fragment the arena (measured with one shared forward Cast per weight: 4.00 GB at 14.2 s with it,
+      3.34 GB at 24.8 s without; the memory is what an fp16 bundle is chosen for). With every Cast gated on
+      its reader (frozen.py) the arena-off bundle peaks at 2.39 GB; arena on was not re-measured.
     - CPU arena OFF with a static batch (ablation builds): the arena keeps every freed step buffer, so the
       peak grows by the largest transient set; off, they go back to malloc (mid 256 px baseline bundle
       1.72 -> 1.21 GB; memory pattern off measured the same, arena off is kept).
