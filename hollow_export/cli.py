@@ -318,7 +318,8 @@ def _names(csv):
 @click.option("--steps", type=TIMED_STEPS, default=3, show_default=True, help="Steps per case: 1 warm, then measured.")
 @click.option("--cases", default="", help="Comma-separated case names (default: all, paper and beyond-paper).")
 @click.option("--no-measure", is_flag=True, help="FLOPs and parameter counts only (no processes).")
-@click.option("--merge", is_flag=True, help="Add these cases to the result already in --out (same settings).")
+@click.option("--merge", is_flag=True, help="Add these cases to the result already in --out (same settings; an interrupted "
+              "run's .partial.json rows too).")
 @click.option("--threads", type=COUNT, default=None, help="Torch threads per case process (default: torch's).")
 @click.option("--timeout", type=POSITIVE, default=None, help="Seconds per case process.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,

@@ -4,6 +4,7 @@ No timing is asserted anywhere: this machine is shared.
 """
 
 import json
+from pathlib import Path
 import re
 import subprocess
 import threading
@@ -186,6 +187,26 @@ def test_memory_table_on_tiny(tmp_path):
     assert merged["rows"][1]["peak_bytes"] == rows["hollowed"]["peak_bytes"]
     with pytest.raises(cases.BenchError, match="other settings"):
         memory.memory_table(arch="tiny", rank=RANK, depth=3, steps=3, cases=["collection"], measure=False,
+                             out=tmp_path, merge=True, log=lambda *_: None)
+
+    # --merge also takes up the rows of an interrupted run (its .partial.json, which holds no fidelity):
+    # such a row gets its loss difference against its reference's losses, then the partial file is gone
+    stem = Path(files["json"]).stem
+    h = rows["hollowed"]
+    bf16 = {**h, "case": "hollowed_bf16", "dtype": "bf16", "losses": [h["losses"][0] * 1.01, h["losses"][1] * 0.97]}
+    partial = tmp_path / f"{stem}.partial.json"
+    partial.write_text(json.dumps({"kind": "memory", "partial": True, "settings": saved["settings"], "rows": [bf16]}))
+    resumed = memory.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["collection"], measure=False,
+                                  out=tmp_path, merge=True, log=lambda *_: None)
+    by = {r["case"]: r for r in resumed["rows"]}
+    assert set(by) == {"inference", "hollowed", "collection", "hollowed_bf16"}
+    assert by["hollowed_bf16"]["fidelity"]["reference"] == "hollowed"
+    assert by["hollowed_bf16"]["fidelity"]["loss_rel_diff"] == pytest.approx(0.03, rel=1e-6)
+    assert "update_rel_diff" not in by["hollowed_bf16"]["fidelity"] and not partial.exists()
+    partial.write_text(json.dumps({"kind": "memory", "partial": True, "rows": [bf16],
+                                   "settings": {**saved["settings"], "resolution": 64}}))
+    with pytest.raises(cases.BenchError, match="partial.json was measured with other settings"):
+        memory.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["collection"], measure=False,
                              out=tmp_path, merge=True, log=lambda *_: None)
 
     # every row's structure, FLOPs only (no processes)

@@ -157,6 +157,8 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
 
     `merge=True` adds this run's cases to the result already in `out` for the same settings (arch,
     device, resolution, rank, depth, steps): its other rows are kept, the cases run now replace theirs.
+    The rows of an interrupted run (its `.partial.json`) are kept the same way, with the loss part of
+    their fidelity only.
     """
     check_device(device)
     if steps < 2:
@@ -177,14 +179,7 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
                               precompute_params=plan.precompute_params, lora_params_plan=plan.lora_params,
                               buffer_shape=plan.buffer_shape, buffer_bytes_fp32=plan.buffer_bytes_fp32)
     stem = f"memory_{arch}_{device}_{plan.resolution}px_r{rank}_k{plan.depth}"
-    old = None
-    if merge and out is not None and (Path(out) / f"{stem}.json").exists():
-        old = json.loads((Path(out) / f"{stem}.json").read_text())
-        old_settings = old["settings"]
-        if not all(old_settings.get(k) == settings[k] for k in MERGE_KEYS):
-            raise BenchError(f"--merge: {Path(out) / stem}.json was measured with other settings "
-                             f"({', '.join(f'{k}={old_settings.get(k)}' for k in MERGE_KEYS)}); "
-                             "drop --merge or pick another --out")
+    old = _merge_base(Path(out), stem, settings) if merge and out is not None else None
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="hollow-bench-save-") as save_dir:
         save = Path(save_dir)
@@ -240,6 +235,7 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
         kept = {r["case"]: r for r in old["rows"] if r["case"] not in results}
         order = [c.name for c in all_cases(rank)]
         rows = sorted(list(kept.values()) + rows, key=lambda r: order.index(r["case"]) if r["case"] in order else 99)
+        _loss_fidelity(rows, kept, {c.name: c.reference for c in all_cases(rank)})
         settings["merged_from"] = old["settings"].get("merged_from", []) + [old["settings"]["date"]]
         log(f"merged with {len(kept)} row(s) measured on {old['settings']['date']}")
     _add_ratios(rows)
@@ -251,6 +247,41 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
         write_outputs(result, Path(out), stem, plot_memory)
         (Path(out) / f"{stem}.partial.json").unlink(missing_ok=True)
     return result
+
+
+def _merge_base(out: Path, stem: str, settings: dict) -> dict | None:
+    """The rows `--merge` keeps: the finished result in `out`, overlaid by the rows of an interrupted
+    run (its `.partial.json`), both measured with this run's settings; None when there is neither."""
+    base = None
+    for path in (out / f"{stem}.json", out / f"{stem}.partial.json"):
+        if not path.exists():
+            continue
+        found = json.loads(path.read_text())
+        theirs = found["settings"]
+        if not all(theirs.get(k) == settings[k] for k in MERGE_KEYS):
+            raise BenchError(f"--merge: {path} was measured with other settings "
+                             f"({', '.join(f'{k}={theirs.get(k)}' for k in MERGE_KEYS)}); "
+                             "drop --merge or pick another --out")
+        if base is None:
+            base = found
+        else:
+            newer = {r["case"] for r in found["rows"]}
+            base = {**base, "rows": [r for r in base["rows"] if r["case"] not in newer] + found["rows"]}
+    return base
+
+
+def _loss_fidelity(rows: list[dict], kept: dict, references: dict) -> None:
+    """Kept rows without a fidelity (an interrupted run computes none) get the loss part against their
+    reference's losses; the LoRA-update part needs both runs' tensors, which are gone."""
+    by = {r["case"]: r for r in rows}
+    for name, row in kept.items():
+        ref = by.get(references.get(name) or "")
+        if "fidelity" in row or ref is None or not row.get("losses") or not ref.get("losses"):
+            continue
+        pairs = list(zip(row["losses"], ref["losses"]))
+        row["fidelity"] = {"reference": ref["case"], "losses": row["losses"], "reference_losses": ref["losses"],
+                           "loss_rel_diff": max(abs(a - b) / max(abs(b), 1e-12) for a, b in pairs),
+                           "note": "merged: loss only (the LoRA tensors of the earlier run are gone)"}
 
 
 def _add_ratios(rows: list[dict]) -> None:
