@@ -46,20 +46,20 @@ FROZEN_DTYPES = ("float32", "float16")
 DISABLE_OPTIMIZERS = "optimization.disable_specified_optimizers"
 
 
-def training_session(unknown_batch: bool = True, frozen_dtype: str = "float32") -> dict:
+def training_session(unknown_batch: bool = True) -> dict:
     """The ORT session settings of the training Module, named in the manifest; both clients apply them.
 
     `unknown_batch`: whether the training graph has the unknown batch dimension (`export/batch_dim.py`, the
-    default build); with `frozen_dtype` it decides the CPU arena. Measured on ORT 1.19.2 CPU (issue 13, step
-    peak RSS, sd21 512 px r=128, every lever):
-    - CPU arena ON with an unknown batch and fp32 frozen weights: ORT's planner then allocates every
-      activation fresh and frees it at its last use, and the arena recycles the freed blocks by size; off,
-      each fresh buffer pays its page faults (3.51 GB at 14.2 s with the arena, 3.37 GB at 21.4 s without;
-      the static-batch graph: 4.14 GB at 14.4 s).
-    - CPU arena OFF with fp16 frozen weights: the fp32 copies the Casts make, one weight-sized block of each
-      size, fragment the arena (measured with one shared forward Cast per weight: 4.00 GB at 14.2 s with it,
-      3.34 GB at 24.8 s without; the memory is what an fp16 bundle is chosen for). With every Cast gated on
-      its reader (frozen.py) the arena-off bundle peaks at 2.39 GB; arena on was not re-measured.
+    default build); it decides the CPU arena. Measured on ORT 1.19.2 CPU (issue 13, step peak RSS, sd21
+    512 px r=128, every lever, 2 threads):
+    - CPU arena ON with an unknown batch: ORT's planner then allocates every activation fresh and frees it
+      at its last use, and the arena recycles the freed blocks by size; off, each fresh buffer pays its page
+      faults (fp32 frozen weights: 3.51 GB at 14.2 s with the arena, 3.37 GB at 21.4 s without; the
+      static-batch graph: 4.14 GB at 14.4 s). fp16 frozen weights likewise: with every Cast gated on its
+      reader (frozen.py) the fp32 weight copies are short-lived, 2.287 GB at 15.4 s with the arena against
+      2.154 GB at 25.9 s without (sd15 256 px: 1.974 GB at 4.4 s against 2.074 GB at 7.3 s), so the arena
+      stays on: 6 % more memory at sd21 for a step 40 % shorter. (Before the gating, one shared forward
+      Cast per weight fragmented the arena: 4.00 GB with it, 3.34 GB without.)
     - CPU arena OFF with a static batch (ablation builds): the arena keeps every freed step buffer, so the
       peak grows by the largest transient set; off, they go back to malloc (mid 256 px baseline bundle
       1.72 -> 1.21 GB; memory pattern off measured the same, arena off is kept).
@@ -77,7 +77,7 @@ def training_session(unknown_batch: bool = True, frozen_dtype: str = "float32") 
       for every tensor: session creation 8.0 -> 1.6 s at tiny, 12.7 -> 2.4 s at sd21. Python-only (no C or
       Java setter): the app gets the same memory and creates its session more slowly.
     """
-    return {"enable_cpu_mem_arena": unknown_batch and frozen_dtype == "float32", "enable_mem_pattern": True, "enable_mem_reuse": not unknown_batch,
+    return {"enable_cpu_mem_arena": unknown_batch, "enable_mem_pattern": True, "enable_mem_reuse": not unknown_batch,
             "config_entries": {DISABLE_OPTIMIZERS: "ConstantFolding;NchwcTransformer"}, "eval_session": False}
 
 
@@ -138,7 +138,7 @@ def make_manifest(folder: Path, identity: dict, plan: dict, prompts: dict, lora:
         "frozen": {"file": FROZEN_WEIGHTS, "dtype": frozen_dtype, "sha256": files[FROZEN_WEIGHTS]["sha256"],
                    "bytes": files[FROZEN_WEIGHTS]["bytes"]} if FROZEN_WEIGHTS in files
         else {"file": None, "dtype": "float32", "sha256": None, "bytes": 0},
-        "training_session": training_session(bool(hyper.get("unknown_batch")), frozen_dtype),
+        "training_session": training_session(bool(hyper.get("unknown_batch"))),
         "hyper": hyper,
         "memory": memory,
     }

@@ -11,7 +11,6 @@ CI=true, where it fails (CI installs it: apt-get install -y kotlin junit4 libgoo
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 from hollow_export import store
-from hollow_export.device import buffer, rng, ort_session
+from hollow_export.device import buffer, rng
 from hollow_export.device import collect as dcollect
 from hollow_export.device import export as dexport
 from hollow_export.device import train as dtrain

@@ -11,11 +11,10 @@ import torch
 
 from hollow_export import bundle as fmt
 from hollow_export.hollow import lora
-from hollow_export.device import buffer, rng, ort_session
-from hollow_export.device import collect as dcollect
+from hollow_export.device import ort_session
 from hollow_export.device import export as dexport
 from hollow_export.device import train as dtrain
-from hollow_export.hollow.plan import HollowPlan, LoraSpec, make_plan
+from hollow_export.hollow.plan import LoraSpec, make_plan
 from hollow_export.export.build import BuildSettings, build
 from hollow_export.merge import MergeError, merge
 from hollow_export.models.load import load_pipeline

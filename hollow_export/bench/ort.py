@@ -37,7 +37,6 @@ ALL_FP16 = {**ALL_FP32, "frozen_dtype": "float16"}
 ORT_DEFAULT = {"enable_cpu_mem_arena": True, "enable_mem_pattern": True, "config_entries": {}, "eval_session": True}
 TRAINING_SESSION = fmt.training_session()
 STATIC_BATCH_SESSION = fmt.training_session(unknown_batch=False)  # the bundle's session for a static-batch graph
-FP16_SESSION = fmt.training_session(frozen_dtype="float16")  # the bundle's session with fp16 frozen weights
 # frozen weights as initializers need ConstantFolding and NchwcTransformer off, or ORT copies them at load
 TRANSFORMERS_OFF = {**ORT_DEFAULT, "config_entries": TRAINING_SESSION["config_entries"]}
 
@@ -79,7 +78,9 @@ ROWS = {
                        {**LEVERS_OFF, "frozen_external": True, "frozen_dtype": "float16"}, TRANSFORMERS_OFF,
                        "baseline"),
     "all_fp32": Row("hollowed", "all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, "baseline"),
-    "all_fp16": Row("hollowed", "all levers, fp16 frozen", ALL_FP16, FP16_SESSION, "baseline"),
+    "all_fp16": Row("hollowed", "all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION, "baseline"),
+    "all_fp16_arena_off": Row("hollowed", "all levers, fp16 frozen, CPU arena off", ALL_FP16,
+                              {**TRAINING_SESSION, "enable_cpu_mem_arena": False}, "baseline"),
     "all_but_units": Row("hollowed", "all levers but unit recompute, fp32 frozen", {**ALL_FP32, "recompute_units": False},
                          TRAINING_SESSION, "baseline"),
     "all_top2_units": Row("hollowed", "all levers, units recomputed at the 2 highest resolutions only, fp32 frozen",
@@ -88,7 +89,7 @@ ROWS = {
                          {**ALL_FP32, "unknown_batch": False}, STATIC_BATCH_SESSION, "baseline"),
     "lora_baseline": Row("lora", "plain LoRA, no lever, ORT default session + eval session", LEVERS_OFF),
     "lora_all": Row("lora", "plain LoRA, all levers, fp32 frozen", ALL_FP32, TRAINING_SESSION, "lora_baseline"),
-    "lora_all_fp16": Row("lora", "plain LoRA, all levers, fp16 frozen", ALL_FP16, FP16_SESSION,
+    "lora_all_fp16": Row("lora", "plain LoRA, all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION,
                          "lora_baseline"),
     "inference_default": Row("inference", "U-Net inference, ORT default session"),
     "inference_best": Row("inference", "U-Net inference, CPU arena off",
