@@ -2,7 +2,8 @@
 
 In:  an architecture name (`ARCHS`, or the bench-only `mid`) and a pipeline part
      (`unet`, `vae`, `text_encoder`, `scheduler`).
-Out: the part's JSON config (from the repository's `models/` folder), a digest of the configs.
+Out: the part's JSON config (from the repository's `models/` folder, which a regular install ships inside
+     the package), a digest of the configs.
 
 `ARCHS` are what a user builds from (`--arch`). `SHIPPED` ones are pretrained pipelines whose weights
 live in the repository (`models/tiny-toy`: the tiny architecture trained on the toy world by
@@ -23,7 +24,16 @@ from pathlib import Path
 
 from ..errors import HollowError
 
-MODELS_DIR = Path(__file__).resolve().parent.parent.parent / "models"
+
+def _models_dir() -> Path:
+    """The `models/` folder: inside the package where a regular install put it (pyproject's package-dir
+    ships it as `hollow_export/shipped_models`), else the repository's own (a checkout, an editable install)."""
+    package = Path(__file__).resolve().parent.parent
+    shipped = package / "shipped_models"
+    return shipped if shipped.is_dir() else package.parent / "models"
+
+
+MODELS_DIR = _models_dir()
 MATERIALIZED = ("tiny", "tiny-bk-small", "tiny-bk-tiny")
 SHIPPED = ("tiny-toy",)
 ARCHS = SHIPPED + MATERIALIZED + ("sd15", "sd21", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")
