@@ -11,7 +11,6 @@ Out: `memory_table(...)` -> a JSON-serialisable result (settings, one row per ca
 from __future__ import annotations
 
 import gc
-import json
 import tempfile
 import time
 from dataclasses import asdict
@@ -26,8 +25,8 @@ from .cases import (TOKENS, BenchError, Case, all_cases, bench_plan, build_case,
                     run_step, step_inputs_for)
 from .flops import case_flops, dual_path_flops
 from .measure import GB, METHOD, available_bytes, check_device, default_threads, run_child, settings_block
-from .report import _flops_unit, _fmt_bytes, _fmt_params, _fmt_ratio, _pyplot, format_table, save_figure, \
-    settings_text, write_outputs
+from .report import _flops_unit, _fmt_bytes, _fmt_params, _fmt_ratio, _pyplot, earlier_result, format_table, \
+    save_figure, settings_text, write_outputs
 
 
 def child_case(spec: dict) -> dict:
@@ -252,22 +251,12 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
 def _merge_base(out: Path, stem: str, settings: dict) -> dict | None:
     """The rows `--merge` keeps: the finished result in `out`, overlaid by the rows of an interrupted
     run (its `.partial.json`), both measured with this run's settings; None when there is neither."""
-    base = None
-    for path in (out / f"{stem}.json", out / f"{stem}.partial.json"):
-        if not path.exists():
-            continue
-        found = json.loads(path.read_text())
-        theirs = found["settings"]
-        if not all(theirs.get(k) == settings[k] for k in MERGE_KEYS):
-            raise BenchError(f"--merge: {path} was measured with other settings "
-                             f"({', '.join(f'{k}={theirs.get(k)}' for k in MERGE_KEYS)}); "
-                             "drop --merge or pick another --out")
-        if base is None:
-            base = found
-        else:
-            newer = {r["case"] for r in found["rows"]}
-            base = {**base, "rows": [r for r in base["rows"] if r["case"] not in newer] + found["rows"]}
-    return base
+    base = earlier_result(out / f"{stem}.json", settings, MERGE_KEYS)
+    partial = earlier_result(out / f"{stem}.partial.json", settings, MERGE_KEYS)
+    if base is None or partial is None:
+        return base or partial
+    newer = {r["case"] for r in partial["rows"]}
+    return {**base, "rows": [r for r in base["rows"] if r["case"] not in newer] + partial["rows"]}
 
 
 def _loss_fidelity(rows: list[dict], kept: dict, references: dict) -> None:

@@ -12,7 +12,6 @@ Out: `ort_bench(...)` -> a result (one row per name: build time and peak, bundle
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from .. import store
 from ..rss import max_rss_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .cases import TOKENS, BenchError, bench_plan
 from .measure import GB, default_threads, run_child, settings_block
-from .report import _fmt_bytes, _pyplot, format_table, save_figure, settings_text, write_outputs
+from .report import _fmt_bytes, _pyplot, earlier_result, format_table, save_figure, settings_text, write_outputs
 
 # build levers (export.ort_training.EngineLevers, fields of BuildSettings) and session settings (as a
 # manifest's `training_session` names them, bundle.training_session: the bundle's own)
@@ -366,7 +365,7 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
                               kept_params=plan.kept_params, lora_params_hollowed=plan.lora_params)
     stem = f"ort_{arch}_{plan.resolution}px_r{rank}_k{plan.depth}" + (
         "" if set(names) <= set(DEFAULT_ROWS) else "_ablation")
-    old = _merge_source(Path(out) / f"{stem}.json", settings) if merge and out is not None else None
+    old = earlier_result(Path(out) / f"{stem}.json", settings, MERGE_KEYS) if merge and out is not None else None
     partial = None if out is None else (Path(out) / f"{stem}.partial.json", settings)
     case = {"arch": arch, "plan": plan_args, "shapes": shapes, "steps": steps, "threads": threads}
     measured = _measure_rows(names, case, timeout, workdir, partial, log)
@@ -398,19 +397,6 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
 
 
 MERGE_KEYS = ("arch", "resolution", "rank", "depth", "steps", "threads", "onnxruntime")
-
-
-def _merge_source(path: Path, settings: dict) -> dict | None:
-    """The earlier result at `path` to merge into, if any; refused when measured with other settings."""
-    if not path.exists():
-        return None
-    old = json.loads(path.read_text())
-    before = old["settings"]
-    if not all(before.get(k) == settings[k] for k in MERGE_KEYS):
-        raise BenchError(f"--merge: {path} was measured with other settings "
-                         f"({', '.join(f'{k}={before.get(k)}' for k in MERGE_KEYS)}); "
-                         "drop --merge or pick another --out")
-    return old
 
 
 def _peak(row):

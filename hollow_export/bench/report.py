@@ -2,14 +2,17 @@
 
 In:  a result dict (settings, rows) and an output folder and file stem.
 Out: text tables (`format_table`, `settings_text`), number formats, atomic PNG figures and
-     `write_outputs`: the result as JSON plus its plot.
+     `write_outputs`: the result as JSON plus its plot; `earlier_result`, a written result read back
+     for `--merge`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .. import store
+from .cases import BenchError
 
 GB = 1e9
 
@@ -67,3 +70,17 @@ def write_outputs(result: dict, out: Path, stem: str, plot_fn, extra: dict | Non
     store.write_json(json_path, result)
     plot_fn(result, png_path)
     return result
+
+
+def earlier_result(path: Path, settings: dict, keys: tuple[str, ...]) -> dict | None:
+    """The result written at `path` for `--merge`, or None if there is none; refused (BenchError) when it
+    was measured with other `keys` settings than `settings`."""
+    if not path.exists():
+        return None
+    found = json.loads(path.read_text())
+    theirs = found["settings"]
+    if not all(theirs.get(k) == settings[k] for k in keys):
+        raise BenchError(f"--merge: {path} was measured with other settings "
+                         f"({', '.join(f'{k}={theirs.get(k)}' for k in keys)}); "
+                         "drop --merge or pick another --out")
+    return found
