@@ -23,6 +23,7 @@ from hollow_export.device import buffer, rng
 from hollow_export.device import collect as dcollect
 from hollow_export.device import export as dexport
 from hollow_export.device import train as dtrain
+from hollow_export.device.buffer import read_header
 from hollow_export import bundle as fmt
 
 CORE = Path(__file__).resolve().parents[1] / "android_demo" / "core"
@@ -291,6 +292,13 @@ def test_run_folders_resume_across_languages(kotlin, small_bundle, buffers, tmp_
     assert out["files"] == ["checkpoint-000002", "checkpoint-000003", "progress.json"]
     assert out["records"] == expected_records(range(3))
     assert out["lr"] == pytest.approx(manifest["hyper"]["lr"], rel=1e-7)
+    # Kotlin records the buffer's identity as the reference does, and where its session began
+    header, _ = read_header(buffer)
+    recorded = dtrain.read_progress(run)
+    assert recorded["buffer"] == dtrain.buffer_identity(header) and recorded["starts"] == [0]
+    # the reference refuses to resume it over another buffer, naming what differs
+    with pytest.raises(dtrain.RuntimeFault, match=r"trained on another buffer \(dtype differ\)"):
+        dtrain.train(small_bundle, buffers["float16"], run, dtrain.TrainConfig(steps=6, progress=False))
     # ... and Python's reference resumes that run folder to the end
     progress = dtrain.train(small_bundle, buffer, run, dtrain.TrainConfig(steps=6, checkpoint_every=2,
                                                                            progress=False))
@@ -304,6 +312,10 @@ def test_run_folders_resume_across_languages(kotlin, small_bundle, buffers, tmp_
     assert out["records"] == expected_records(range(6, 9))
     assert out["files"] == ["checkpoint-000008", "checkpoint-000009", "progress.json"]
     assert dtrain.read_progress(run)["losses"][:6] == progress["losses"]
+    assert dtrain.read_progress(run)["starts"] == [0, 3, 6]  # Kotlin, Python, Kotlin
+    # Kotlin refuses to resume the run over another buffer too
+    err = kotlin("fake-train", bundle=small_bundle, buffer=buffers["float16"], run=run, steps=10, expect_error=True)
+    assert "trained on another buffer (dtype differ)" in err["error"]
     # the checkpoint missing alone, then present but modified: each branch on its own
     saved = (run / "checkpoint-000009").read_bytes()
     (run / "checkpoint-000009").unlink()

@@ -139,7 +139,7 @@ class TrainWorker(context: Context, params: WorkerParameters) : Worker(context, 
         val steps = inputData.getLong(Jobs.KEY_STEPS, bundle.hyper.steps.toLong())
         BufferReader(files.buffer, bundle.id).use { buffer ->  // every record checked once, here
             val run = RunFolder(files.run)
-            val start = run.start(bundle, buffer.header.seed)
+            val start = run.start(bundle, buffer.header)
             if (start.progress.step >= steps) return Result.success()
             val assembler = BatchAssembler.forBuffer(bundle, buffer, bundle.alphasCumprod(),
                     bundle.promptStates("instance"), start.progress.seed)

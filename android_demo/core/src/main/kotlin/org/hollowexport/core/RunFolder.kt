@@ -1,5 +1,6 @@
 package org.hollowexport.core
 
+import com.google.gson.JsonElement
 import com.google.gson.JsonObject
 import java.io.File
 import java.io.IOException
@@ -23,7 +24,12 @@ class Progress(
              sha256: String? = this.sha256, dataSha256: String? = this.dataSha256): Progress =
             Progress(bundle, bufferSeed, seed, ArrayList(losses), step, checkpoint, previous, sha256, dataSha256, extra)
 
-    /** Key order as the reference writes it. */
+    /** The same progress with the extra field `key` set to `json` (JSON text). */
+    fun withExtra(key: String, json: String): Progress =
+            Progress(bundle, bufferSeed, seed, ArrayList(losses), step, checkpoint, previous, sha256, dataSha256,
+                    LinkedHashMap(extra).also { it[key] = json })
+
+    /** The known fields in the reference's key order, then the others (`buffer`, `starts`, ...) as read. */
     fun toJson(): String {
         val map = linkedMapOf<String, Any?>("bundle" to bundle, "buffer_seed" to bufferSeed, "seed" to seed,
                 "losses" to losses, "step" to step, "checkpoint" to checkpoint, "previous" to previous,
@@ -74,19 +80,23 @@ class RunFolder(val dir: File) {
     }
 
     /**
-     * No progress.json: a fresh run from the bundle's checkpoint. Otherwise the named checkpoint,
-     * after checking its sha256 (and its .data file's), to continue at progress.step.
+     * No progress.json: a fresh run from the bundle's checkpoint over `buffer` (its identity recorded as
+     * `buffer`). Otherwise the named checkpoint, after checking that the run belongs to this bundle, was
+     * trained on this buffer and that the checkpoint passes its sha256 (and its .data file's), to continue
+     * at progress.step. Either way `starts` gains the step this process begins at.
      */
-    fun start(bundle: Bundle, bufferSeed: Long): StartPoint {
+    fun start(bundle: Bundle, buffer: BufferHeader): StartPoint {
         if (!dir.isDirectory && !dir.mkdirs()) throw RunException("cannot create the run folder $dir")
         val progress = readProgress()
         if (progress == null) {
-            val fresh = Progress(bundle.id, bufferSeed, bundle.hyper.seed, ArrayList(), 0, null, null, null, null)
-            return StartPoint(bundle.file(BundleFiles.CHECKPOINT), fresh, true)
+            val fresh = Progress(bundle.id, buffer.seed, bundle.hyper.seed, ArrayList(), 0, null, null, null, null,
+                    linkedMapOf("buffer" to Json.compact(bufferIdentity(buffer))))
+            return StartPoint(bundle.file(BundleFiles.CHECKPOINT), withStart(fresh), true)
         }
         if (progress.bundle != bundle.id) {
             throw RunException("$dir belongs to another bundle; choose a new run folder")
         }
+        checkBuffer(progress, buffer)
         val name = progress.checkpoint
                 ?: throw RunException("$progressFile names no checkpoint; delete $dir to start over")
         val path = File(dir, name)
@@ -94,7 +104,51 @@ class RunFolder(val dir: File) {
         val ok = path.isFile && Hashes.sha256(path) == progress.sha256 &&
                 (progress.dataSha256 == null || (data.isFile && Hashes.sha256(data) == progress.dataSha256))
         if (!ok) throw RunException("checkpoint $path is missing or fails its hash; delete $dir to start over")
-        return StartPoint(path, progress, false)
+        return StartPoint(path, withStart(progress), false)
+    }
+
+    /** Refuse to resume over a buffer other than the one the run started on (its recorded `buffer`, or
+     *  only `buffer_seed` in a run folder written before runs recorded their buffer). */
+    private fun checkBuffer(progress: Progress, buffer: BufferHeader) {
+        val identity = bufferIdentity(buffer)
+        val text = progress.extra["buffer"]
+        val differ = if (text == null) {
+            if (progress.bufferSeed != buffer.seed) listOf("seed") else emptyList()
+        } else {
+            val recorded = try {
+                Json.parseObject(text, "$progressFile \"buffer\"")
+            } catch (err: HollowException) {
+                throw RunException("$progressFile is damaged (${err.message}); delete the run folder to start over", err)
+            }
+            recorded.entrySet().filter { (k, v) -> !sameValue(identity[k], v) }.map { it.key }
+        }
+        if (differ.isNotEmpty()) {
+            throw RunException("$dir was trained on another buffer (${differ.joinToString(", ")} differ); pass the " +
+                    "buffer it started with, or a new run folder to train on this one")
+        }
+    }
+
+    private fun sameValue(mine: Any?, recorded: JsonElement): Boolean {
+        if (!recorded.isJsonPrimitive) return false
+        val p = recorded.asJsonPrimitive
+        return when (mine) {
+            is String -> p.isString && p.asString == mine
+            is Number -> p.isNumber && p.asString == mine.toString()
+            else -> false
+        }
+    }
+
+    /** `starts` with the step this process begins at appended (an audit trail, PROTOCOL.md section 6). */
+    private fun withStart(progress: Progress): Progress {
+        val before = progress.extra["starts"]?.let {
+            try {
+                Json.parse(it, "$progressFile \"starts\"").asJsonArray.map { e -> e.asLong }
+            } catch (err: RuntimeException) {
+                throw RunException("$progressFile is damaged (\"starts\" is not a list of steps); delete the run " +
+                        "folder to start over", err)
+            }
+        } ?: emptyList()
+        return progress.withExtra("starts", Json.compact(before + progress.step))
     }
 
     /**
@@ -154,6 +208,11 @@ class RunFolder(val dir: File) {
 
     companion object {
         const val PROGRESS = "progress.json"
+
+        /** What names a buffer's content, as progress.json's `buffer` records it (the reference's keys). */
+        fun bufferIdentity(header: BufferHeader): LinkedHashMap<String, Any?> = linkedMapOf(
+                "bundle" to header.bundle, "photos" to header.photos, "seed" to header.seed,
+                "capacity" to header.capacity, "dtype" to header.dtype)
 
         /** checkpoint-SSSSSS: S = finished steps, six digits (more when a run goes past 999999). */
         fun checkpointName(step: Long): String = String.format("checkpoint-%06d", step)

@@ -13,7 +13,8 @@ import java.io.IOException
 class TrainingTest {
     private val dir = TestBundles.tempDir("train")
     private val bundle = TestBundles.make(File(dir, "bundle"))
-    private val bufferFile = File(dir, "buffer.bin").also { TestBundles.buffer(bundle, it, 6) }
+    private val bufferFile = File(dir, "buffer.bin")
+    private val header = TestBundles.buffer(bundle, bufferFile, 6)
 
     /** Checks the call order, records what it trained on, writes checkpoints holding the step count. */
     class FakeEngine(private val failSaveAt: Long? = null) : TrainingEngine {
@@ -112,7 +113,7 @@ class TrainingTest {
     @Test
     fun checkpointsEveryNStepsKeepingTwoAndResumesExactly() {
         val run = RunFolder(File(dir, "run"))
-        val start = run.start(bundle, 3)
+        val start = run.start(bundle, header)
         assertTrue(start.fresh)
         assertEquals(bundle.file("checkpoint"), start.checkpoint)
         val engine = FakeEngine()
@@ -130,7 +131,7 @@ class TrainingTest {
         assertEquals(listOf("lr", "train", "opt", "reset"), engine.calls.take(4))
 
         // a second session resumes at step 7 from checkpoint-000007 and finishes
-        val resumed = run.start(bundle, 3)
+        val resumed = run.start(bundle, header)
         assertFalse(resumed.fresh)
         assertEquals("checkpoint-000007", resumed.checkpoint.name)
         val engine2 = FakeEngine()
@@ -146,7 +147,7 @@ class TrainingTest {
         val straight = RunFolder(File(dir, "straight"))
         val engine3 = FakeEngine()
         val (t3, buffer3) = trainer(straight, 10)
-        val whole = t3.run(engine3, straight.start(bundle, 3))
+        val whole = t3.run(engine3, straight.start(bundle, header))
         buffer3.close()
         assertEquals(engine3.records, engine.records + engine2.records)
         assertEquals(whole.progress.losses, second.progress.losses)
@@ -156,13 +157,45 @@ class TrainingTest {
         assertEquals(3L, progress.bufferSeed)
         assertEquals(Hashes.sha256(File(run.dir, "checkpoint-000010")), progress.sha256)
         assertNull(progress.dataSha256)
+        assertEquals(listOf(0L, 7L), Json.parse(progress.extra["starts"]!!, "starts").asJsonArray.map { it.asLong })
+        assertEquals(Json.parseObject(Json.compact(RunFolder.bufferIdentity(header)), "identity"),
+                Json.parseObject(progress.extra["buffer"]!!, "buffer"))  // where each session began, on what
+    }
+
+    @Test
+    fun refusesToResumeOverAnotherBuffer() {
+        val run = RunFolder(File(dir, "run-buffer"))
+        val (t, buffer) = trainer(run, 3)
+        t.run(FakeEngine(), run.start(bundle, header))
+        buffer.close()
+        val fp16 = TestBundles.buffer(bundle, File(dir, "buffer-fp16.bin"), 6, "float16")
+        val bigger = TestBundles.buffer(bundle, File(dir, "buffer-8.bin"), 8)
+        for ((other, what) in listOf(fp16 to "dtype", bigger to "capacity")) {
+            try {
+                run.start(bundle, other)
+                fail()
+            } catch (err: RunException) {
+                assertTrue(err.message!!, err.message!!.contains("trained on another buffer ($what differ)"))
+            }
+        }
+        assertFalse(run.start(bundle, header).fresh)  // the buffer it started with
+        // a run folder from before runs recorded their buffer: only the seed is compared
+        val legacy = run.readProgress()!!
+        run.progressFile.writeText(Progress(legacy.bundle, 4, legacy.seed, legacy.losses, legacy.step, legacy.checkpoint,
+                legacy.previous, legacy.sha256, legacy.dataSha256).toJson())
+        try {
+            run.start(bundle, header)
+            fail()
+        } catch (err: RunException) {
+            assertTrue(err.message!!, err.message!!.contains("trained on another buffer (seed differ)"))
+        }
     }
 
     @Test
     fun dataFilesAreMovedHashedAndPruned() {
         val run = RunFolder(File(dir, "run-data"))
         val (t, buffer) = trainer(run, 8, every = 2)
-        t.run(FakeEngine(), run.start(bundle, 3)) { r -> if (r.step == 4L) {
+        t.run(FakeEngine(), run.start(bundle, header)) { r -> if (r.step == 4L) {
             val p = run.readProgress()!!
             assertEquals(Hashes.sha256(File(run.dir, "checkpoint-000004.data")), p.dataSha256)
         } }
@@ -176,7 +209,7 @@ class TrainingTest {
         var now = 0L
         val run = RunFolder(File(dir, "run-time"))
         val (t, buffer) = trainer(run, 100, every = 50, maxMillis = 1000, clock = { now += 300; now })
-        val result = t.run(FakeEngine(), run.start(bundle, 3))
+        val result = t.run(FakeEngine(), run.start(bundle, header))
         buffer.close()
         assertFalse(result.finished)
         assertEquals(result.progress.step, run.readProgress()!!.step)
@@ -188,7 +221,7 @@ class TrainingTest {
         val run = RunFolder(File(dir, "run-full"))
         val (t, buffer) = trainer(run, 10, every = 3)
         try {
-            t.run(FakeEngine(failSaveAt = 6), run.start(bundle, 3))
+            t.run(FakeEngine(failSaveAt = 6), run.start(bundle, header))
             fail("expected the save to fail")
         } catch (err: RunException) {
             assertTrue(err.message!!.contains("No space left on device"))
@@ -196,7 +229,7 @@ class TrainingTest {
         }
         buffer.close()
         assertEquals(listOf("checkpoint-000003", "progress.json"), run.dir.list()!!.sorted())
-        val start = run.start(bundle, 3)
+        val start = run.start(bundle, header)
         assertEquals(3L, start.progress.step)
         assertEquals("checkpoint-000003", start.checkpoint.name)
     }
@@ -205,18 +238,18 @@ class TrainingTest {
     fun refusesTamperedCheckpointsAndOtherBundles() {
         val run = RunFolder(File(dir, "run-bad"))
         val (t, buffer) = trainer(run, 3)
-        t.run(FakeEngine(), run.start(bundle, 3))
+        t.run(FakeEngine(), run.start(bundle, header))
         buffer.close()
         File(run.dir, "checkpoint-000003").appendText("x")
         try {
-            run.start(bundle, 3)
+            run.start(bundle, header)
             fail()
         } catch (err: RunException) {
             assertTrue(err.message!!.contains("checkpoint-000003 is missing or fails its hash"))
         }
         val other = TestBundles.make(File(dir, "other"), seed = 9)
         try {
-            run.start(other, 3)
+            run.start(other, header)
             fail()
         } catch (err: RunException) {
             assertTrue(err.message!!.contains("belongs to another bundle"))

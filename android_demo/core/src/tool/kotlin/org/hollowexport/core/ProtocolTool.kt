@@ -213,7 +213,7 @@ object ProtocolTool {
         val bundle = Bundle.open(o.file("bundle"))
         BufferReader(o.file("buffer"), bundle.id).use { buffer ->
             val run = RunFolder(o.file("run"))
-            val start = run.start(bundle, buffer.header.seed)
+            val start = run.start(bundle, buffer.header)
             val assembler = BatchAssembler.forBuffer(bundle, buffer, bundle.alphasCumprod(),
                     bundle.promptStates("instance"), start.progress.seed)
             val config = TrainerConfig(o.long("steps"), o.opt("every")?.toInt() ?: 50)
