@@ -285,11 +285,12 @@ def device_train(bundle_dir, buffer_path, run_dir, steps, max_minutes, checkpoin
               help="The bundle the run trained.")
 @click.option("--checkpoint", required=True, type=click.Path(), help="A checkpoint file, or the --run folder.")
 @click.option("--out", default="runs/lora", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for lora.safetensors and lora.json.")
-def device_export(bundle_dir, checkpoint, out):
+              help="Folder for lora.safetensors and lora.json (new or empty; never inside an input).")
+@overwrite_option("LoRA export")
+def device_export(bundle_dir, checkpoint, out, overwrite):
     """Write the trained LoRA (tensors only, full-U-Net names, with its hash): what the phone sends back."""
     from .device.export import export_lora
-    record = export_lora(Path(bundle_dir), Path(checkpoint), Path(out))
+    record = export_lora(Path(bundle_dir), Path(checkpoint), Path(out), overwrite)
     click.echo(f"wrote {Path(out) / record['file']} ({record['tensors']} tensors, sha256 {record['sha256'][:16]}...)")
 
 

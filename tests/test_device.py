@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from hollow_export import bundle as fmt
+from hollow_export import store
 from hollow_export.hollow import lora
 from hollow_export.device import buffer, rng, ort_session
 from hollow_export.device import collect as dcollect
@@ -351,6 +352,31 @@ def test_export_refuses_another_bundles_run_a_bad_hash_and_a_bare_checkpoint(sma
     res = CliRunner().invoke(main, ["device", "export", "--bundle", str(small_bundle), "--checkpoint", str(run),
                                     "--out", str(tmp_path / "cli")])
     assert res.exit_code == 1 and "fails its hash" in res.output and not (tmp_path / "cli").exists()
+
+
+def test_export_follows_the_output_folder_rules(small_bundle, trained, tmp_path):
+    """`device export` writes its folder whole, never into an input, and replaces only its own output."""
+    run, progress, first = trained
+    for inside in (run, run / "lora", small_bundle / "lora"):  # the run folder, or inside an input
+        with pytest.raises(store.StoreError, match="overlaps"):
+            dexport.export_lora(small_bundle, run, inside)
+    assert sorted(p.name for p in run.iterdir()) == sorted([dtrain.PROGRESS, progress["checkpoint"],
+                                                            progress["previous"]])
+    out = tmp_path / "lora"
+    record = dexport.export_lora(small_bundle, run, out)
+    with pytest.raises(store.StoreError, match="pass --overwrite"):
+        dexport.export_lora(small_bundle, run, out)
+    assert dexport.export_lora(small_bundle, run, out, overwrite=True) == record
+    assert (out / dexport.LORA_EXPORT).read_bytes() == (first / dexport.LORA_EXPORT).read_bytes()
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "dog.jpg").write_bytes(b"not ours")
+    with pytest.raises(store.StoreError, match="not an earlier `device export` output"):
+        dexport.export_lora(small_bundle, run, mine, overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["dog.jpg"]
+    res = CliRunner().invoke(main, ["device", "export", "--bundle", str(small_bundle), "--checkpoint", str(run),
+                                    "--out", str(out)])
+    assert res.exit_code == 1 and "--overwrite" in res.output
 
 
 EXPORT_ONCE = textwrap.dedent("""

@@ -39,8 +39,9 @@ def phone_lora(bundle, out, seed=0):
     from hollow_export import store
     store.write_json(out / dtrain.PROGRESS, {"bundle": fmt.bundle_id(bundle), "step": 0, "checkpoint": "ckpt",
                                              "sha256": store.sha256(out / "ckpt")})
-    dexport.export_lora(bundle, out / "ckpt", out)
-    return out / dexport.LORA_EXPORT
+    lora = out.with_name(out.name + "-lora")  # an output never lies inside an input (the run folder)
+    dexport.export_lora(bundle, out / "ckpt", lora)
+    return lora / dexport.LORA_EXPORT
 
 
 @pytest.fixture(scope="module", params=["tiny", "small_sd2", "tiny-bk-small"])

@@ -2,9 +2,12 @@
 
 In:  a bundle and a run folder (or a checkpoint file inside one: the run's progress.json beside it
      is what proves which bundle and buffer it was trained for, and its hash).
-Out: `lora.safetensors` (LoRA tensors under their full-U-Net names, float32, metadata naming the
-     format, the bundle id, rank and alpha) and `lora.json` (its sha256): what `merge` reads. Both are
-     byte-for-byte reproducible: one checkpoint always exports the same bytes.
+Out: a folder holding `lora.safetensors` (LoRA tensors under their full-U-Net names, float32, metadata
+     naming the format, the bundle id, rank and alpha) and `lora.json` (its sha256): what `merge` reads.
+     Both are byte-for-byte reproducible: one checkpoint always exports the same bytes. The folder is
+     written whole or not at all, under the output-folder rules of every command (`store.atomic_dir`:
+     a new or empty folder, or with `overwrite` an earlier export holding nothing else; never inside
+     the bundle or the run folder).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .train import PROGRESS, non_finite, read_progress, verified_checkpoint
 LORA_EXPORT = "lora.safetensors"
 LORA_RECORD = "lora.json"
 LORA_FORMAT = "hollow-export-lora"
+COMMAND = "device export"  # names the output folder's writer (store.atomic_dir)
 
 
 def resolve_checkpoint(path: Path, bundle_id: str) -> Path:
@@ -48,10 +52,14 @@ def resolve_checkpoint(path: Path, bundle_id: str) -> Path:
     return verified_checkpoint(run, progress)
 
 
-def export_lora(bundle_dir: Path, checkpoint: Path, out: Path) -> dict:
+def export_lora(bundle_dir: Path, checkpoint: Path, out: Path, overwrite: bool = False) -> dict:
     """LoRA tensors from a checkpoint, under full-U-Net names, as the small file the phone sends back."""
     from safetensors.numpy import save_file
 
+    checkpoint = Path(checkpoint)
+    store.check_apart(Path(out), {"--bundle": bundle_dir,
+                                  "--checkpoint": checkpoint if checkpoint.is_dir() else checkpoint.parent})
+    store.check_output_dir(Path(out), COMMAND, overwrite)
     bundle = Bundle.from_pretrained(bundle_dir)
     manifest = bundle.manifest
     checkpoint = resolve_checkpoint(checkpoint, bundle.id)
@@ -71,11 +79,10 @@ def export_lora(bundle_dir: Path, checkpoint: Path, out: Path) -> dict:
                            "with a smaller --lr in a new --run folder")
     metadata = {"format": LORA_FORMAT, "format_version": "1", "bundle": bundle.id,
                 "rank": str(manifest["hyper"]["rank"]), "alpha": str(manifest["hyper"]["alpha"])}
-    out = Path(out)
-    with store.atomic_path(out / LORA_EXPORT) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-        store.canonical_safetensors(tmp)
-    record = {**metadata, "file": LORA_EXPORT, "sha256": store.sha256(out / LORA_EXPORT),
-              "tensors": len(tensors), "checkpoint": checkpoint.name}
-    store.write_json(out / LORA_RECORD, record)
+    with store.atomic_dir(Path(out), COMMAND, overwrite) as tmp:
+        save_file(tensors, str(tmp / LORA_EXPORT), metadata=metadata)
+        store.canonical_safetensors(tmp / LORA_EXPORT)
+        record = {**metadata, "file": LORA_EXPORT, "sha256": store.sha256(tmp / LORA_EXPORT),
+                  "tensors": len(tensors), "checkpoint": checkpoint.name}
+        store.write_json(tmp / LORA_RECORD, record)
     return record
