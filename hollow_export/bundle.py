@@ -56,9 +56,9 @@ def training_session(unknown_batch: bool = True) -> dict:
       at its last use, and the arena recycles the freed blocks by size; off, each fresh buffer pays its page
       faults (fp32 frozen weights: 3.51 GB at 14.2 s with the arena, 3.37 GB at 21.4 s without; the
       static-batch graph: 4.14 GB at 14.4 s). fp16 frozen weights likewise: with every Cast gated on its
-      reader (frozen.py) the fp32 weight copies are short-lived, 2.287 GB at 15.4 s with the arena against
-      2.154 GB at 25.9 s without (sd15 256 px: 1.974 GB at 4.4 s against 2.074 GB at 7.3 s), so the arena
-      stays on: 6 % more memory at sd21 for a step 40 % shorter. (Before the gating, one shared forward
+      reader (frozen.py) the fp32 weight copies are short-lived, 2.286 GB at 15.2 s with the arena against
+      2.155 GB at 26.2 s without (sd15 256 px: 1.974 GB at 4.4 s against 2.074 GB at 7.3 s), so the arena
+      stays on: 6 % more memory at sd21 for a step 42 % shorter. (Before the gating, one shared forward
       Cast per weight fragmented the arena: 4.00 GB with it, 3.34 GB without.)
     - CPU arena OFF with a static batch (ablation builds): the arena keeps every freed step buffer, so the
       peak grows by the largest transient set; off, they go back to malloc (mid 256 px baseline bundle

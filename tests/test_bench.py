@@ -196,6 +196,16 @@ def test_memory_table_on_tiny(tmp_path):
     bf16 = {**h, "case": "hollowed_bf16", "dtype": "bf16", "losses": [h["losses"][0] * 1.01, h["losses"][1] * 0.97]}
     partial = tmp_path / f"{stem}.partial.json"
     partial.write_text(json.dumps({"kind": "memory", "partial": True, "settings": saved["settings"], "rows": [bf16]}))
+
+    def interrupt_at_lora_r1(line):
+        if line.startswith("[lora_r1]"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):  # a merge run interrupted in turn keeps every row in its partial file
+        memory.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["collection", "lora_r1"],
+                            measure=False, out=tmp_path, merge=True, log=interrupt_at_lora_r1)
+    again = json.loads(partial.read_text())
+    assert {r["case"] for r in again["rows"]} == {"inference", "hollowed", "collection", "hollowed_bf16"}
+    assert saved["settings"]["date"] in again["settings"]["merged_from"]
     resumed = memory.memory_table(arch="tiny", rank=RANK, depth=3, steps=2, cases=["collection"], measure=False,
                                   out=tmp_path, merge=True, log=lambda *_: None)
     by = {r["case"]: r for r in resumed["rows"]}

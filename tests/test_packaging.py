@@ -2,8 +2,9 @@
 
 The wheel is built with pip from a copy of this checkout's tracked files (what a clean clone holds; a
 build/ folder left by an earlier build would leak into it), unpacked into a folder, and a fresh interpreter started
-outside the repository imports the package from there and loads the embedded default (`tiny-toy`) through
-its hash check, the way `hollow-export build` does on a user's machine.
+outside the repository imports the package from there and loads the embedded default (`tiny-toy`) and the
+toy judge through their hash checks, the way `hollow-export build` and `evaluate --judge toy` do on a
+user's machine.
 """
 
 import os
@@ -43,7 +44,9 @@ def test_wheel_ships_every_module_and_the_models_folder(tmp_path):
     probe = ("import hollow_export, sys\n"
              "from hollow_export.models import registry\n"
              "from hollow_export.models.load import load_pipeline\n"
+             "from hollow_export.toy.evaluate import load_judge\n"
              "pipe = load_pipeline(arch='tiny-toy')\n"
+             "judge = load_judge()\n"
              "print(hollow_export.__file__); print(registry.MODELS_DIR); print(type(pipe.unet).__name__)\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "HOLLOW_EXPORT_CACHE": str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)

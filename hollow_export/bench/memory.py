@@ -179,6 +179,7 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
                               buffer_shape=plan.buffer_shape, buffer_bytes_fp32=plan.buffer_bytes_fp32)
     stem = f"memory_{arch}_{device}_{plan.resolution}px_r{rank}_k{plan.depth}"
     old = _merge_base(Path(out), stem, settings) if merge and out is not None else None
+    history = [] if old is None else old["settings"].get("merged_from", []) + [old["settings"]["date"]]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="hollow-bench-save-") as save_dir:
         save = Path(save_dir)
@@ -220,10 +221,11 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
                     log(f"[{case.name}] peak {child['peak_bytes'] / GB:.3f} GB, held {child['held_bytes'] / GB:.3f} "
                         f"GB, {child['wall_seconds']:.0f} s")
             results[case.name] = row
-            if out is not None:  # what is measured so far survives an interrupted run
+            if out is not None:  # what is measured so far, and what --merge keeps, survives an interrupted run
+                so_far = [r for r in (old or {}).get("rows", []) if r["case"] not in results] + list(results.values())
                 store.write_json(Path(out) / f"{stem}.partial.json",
-                                 {"kind": "memory", "partial": True, "settings": settings,
-                                  "rows": list(results.values())})
+                                 {"kind": "memory", "partial": True, "rows": so_far,
+                                  "settings": {**settings, "merged_from": history} if history else settings})
         for case in chosen:
             row = results[case.name]
             if case.reference and case.reference in results and "peak_bytes" in row \
@@ -234,8 +236,8 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
         kept = {r["case"]: r for r in old["rows"] if r["case"] not in results}
         order = [c.name for c in all_cases(rank)]
         rows = sorted(list(kept.values()) + rows, key=lambda r: order.index(r["case"]) if r["case"] in order else 99)
-        _loss_fidelity(rows, kept, {c.name: c.reference for c in all_cases(rank)})
-        settings["merged_from"] = old["settings"].get("merged_from", []) + [old["settings"]["date"]]
+        _loss_fidelity(rows, {c.name: c.reference for c in all_cases(rank)})
+        settings["merged_from"] = history
         log(f"merged with {len(kept)} row(s) measured on {old['settings']['date']}")
     _add_ratios(rows)
     result = {"kind": "memory", "settings": settings, "rows": rows,
@@ -256,21 +258,25 @@ def _merge_base(out: Path, stem: str, settings: dict) -> dict | None:
     if base is None or partial is None:
         return base or partial
     newer = {r["case"] for r in partial["rows"]}
-    return {**base, "rows": [r for r in base["rows"] if r["case"] not in newer] + partial["rows"]}
+    dates = base["settings"].get("merged_from", []) + [base["settings"]["date"]] + \
+        partial["settings"].get("merged_from", [])
+    return {**base, "settings": {**partial["settings"], "merged_from": list(dict.fromkeys(dates))},
+            "rows": [r for r in base["rows"] if r["case"] not in newer] + partial["rows"]}
 
 
-def _loss_fidelity(rows: list[dict], kept: dict, references: dict) -> None:
-    """Kept rows without a fidelity (an interrupted run computes none) get the loss part against their
-    reference's losses; the LoRA-update part needs both runs' tensors, which are gone."""
+def _loss_fidelity(rows: list[dict], references: dict) -> None:
+    """Merged rows without a fidelity (an interrupted run computes none; a row whose reference was measured
+    in another run cannot have one) get the loss part against their reference's losses; the LoRA-update
+    part needs both rows' tensors from one run."""
     by = {r["case"]: r for r in rows}
-    for name, row in kept.items():
-        ref = by.get(references.get(name) or "")
+    for row in rows:
+        ref = by.get(references.get(row["case"]) or "")
         if "fidelity" in row or ref is None or not row.get("losses") or not ref.get("losses"):
             continue
         pairs = list(zip(row["losses"], ref["losses"]))
         row["fidelity"] = {"reference": ref["case"], "losses": row["losses"], "reference_losses": ref["losses"],
                            "loss_rel_diff": max(abs(a - b) / max(abs(b), 1e-12) for a, b in pairs),
-                           "note": "merged: loss only (the LoRA tensors of the earlier run are gone)"}
+                           "note": "merged: loss only (the two rows come from different runs)"}
 
 
 def _add_ratios(rows: list[dict]) -> None:

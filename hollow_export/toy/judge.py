@@ -24,9 +24,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..models.registry import MODELS_DIR
 from . import world
 
-JUDGE_DIR = Path(__file__).resolve().parents[2] / "models" / "toy-judge"
+JUDGE_DIR = MODELS_DIR / "toy-judge"  # the repository's models/, or the copy a regular install ships
 HEADS = {"cls": world.CLASSES, "colour": world.COLOUR_NAMES, "pattern": world.PATTERNS, "context": world.CONTEXTS}
 INPUT = 64  # the judge looks at 64 px: enough for class, colour, pattern and context
 EMBED = 64

@@ -4,6 +4,7 @@ import com.google.gson.JsonElement
 import com.google.gson.JsonObject
 import java.io.File
 import java.io.IOException
+import java.math.BigDecimal
 
 /**
  * progress.json (PROTOCOL.md section 6). Fields the reference may add are kept as they are.
@@ -111,7 +112,7 @@ class RunFolder(val dir: File) {
      *  only `buffer_seed` in a run folder written before runs recorded their buffer). */
     private fun checkBuffer(progress: Progress, buffer: BufferHeader) {
         val identity = bufferIdentity(buffer)
-        val text = progress.extra["buffer"]
+        val text = progress.extra["buffer"]?.takeIf { it != "null" }  // JSON null: as absent, like the reference
         val differ = if (text == null) {
             if (progress.bufferSeed != buffer.seed) listOf("seed") else emptyList()
         } else {
@@ -133,7 +134,7 @@ class RunFolder(val dir: File) {
         val p = recorded.asJsonPrimitive
         return when (mine) {
             is String -> p.isString && p.asString == mine
-            is Number -> p.isNumber && p.asString == mine.toString()
+            is Number -> p.isNumber && BigDecimal(p.asString).compareTo(BigDecimal(mine.toString())) == 0  // 3 == 3.0
             else -> false
         }
     }

@@ -189,6 +189,17 @@ class TrainingTest {
         } catch (err: RunException) {
             assertTrue(err.message!!, err.message!!.contains("trained on another buffer (seed differ)"))
         }
+        // ... so with the seed matching, another capacity passes there (nothing else was recorded)
+        run.progressFile.writeText(Progress(legacy.bundle, 3, legacy.seed, legacy.losses, legacy.step, legacy.checkpoint,
+                legacy.previous, legacy.sha256, legacy.dataSha256).toJson())
+        assertFalse(run.start(bundle, bigger).fresh)
+        // a recorded identity written by another JSON writer: numbers compare by value, null counts as absent
+        val written = run.progressFile.readText()
+        run.progressFile.writeText(written.replace("\"data_sha256\"", "\"buffer\": {\"seed\": 3.0, \"capacity\": 6e0}, " +
+                "\"data_sha256\""))
+        assertFalse(run.start(bundle, header).fresh)
+        run.progressFile.writeText(written.replace("\"data_sha256\"", "\"buffer\": null, \"data_sha256\""))
+        assertFalse(run.start(bundle, header).fresh)
     }
 
     @Test
