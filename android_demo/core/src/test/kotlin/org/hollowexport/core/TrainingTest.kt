@@ -162,12 +162,18 @@ class TrainingTest {
                 Json.parseObject(progress.extra["buffer"]!!, "buffer"))  // where each session began, on what
     }
 
-    @Test
-    fun refusesToResumeOverAnotherBuffer() {
-        val run = RunFolder(File(dir, "run-buffer"))
+    /** A run folder trained 3 steps over the test buffer. */
+    private fun trainedRun(name: String): RunFolder {
+        val run = RunFolder(File(dir, name))
         val (t, buffer) = trainer(run, 3)
         t.run(FakeEngine(), run.start(bundle, header))
         buffer.close()
+        return run
+    }
+
+    @Test
+    fun refusesToResumeOverAnotherBuffer() {
+        val run = trainedRun("run-buffer")
         val fp16 = TestBundles.buffer(bundle, File(dir, "buffer-fp16.bin"), 6, "float16")
         val bigger = TestBundles.buffer(bundle, File(dir, "buffer-8.bin"), 8)
         for ((other, what) in listOf(fp16 to "dtype", bigger to "capacity")) {
@@ -181,8 +187,9 @@ class TrainingTest {
         assertFalse(run.start(bundle, header).fresh)  // the buffer it started with
         // a run folder from before runs recorded their buffer: only the seed is compared
         val legacy = run.readProgress()!!
-        run.progressFile.writeText(Progress(legacy.bundle, 4, legacy.seed, legacy.losses, legacy.step, legacy.checkpoint,
-                legacy.previous, legacy.sha256, legacy.dataSha256).toJson())
+        fun writeLegacy(seed: Long) = run.progressFile.writeText(Progress(legacy.bundle, seed, legacy.seed,
+                legacy.losses, legacy.step, legacy.checkpoint, legacy.previous, legacy.sha256, legacy.dataSha256).toJson())
+        writeLegacy(4)
         try {
             run.start(bundle, header)
             fail()
@@ -190,8 +197,7 @@ class TrainingTest {
             assertTrue(err.message!!, err.message!!.contains("trained on another buffer (seed differ)"))
         }
         // ... so with the seed matching, another capacity passes there (nothing else was recorded)
-        run.progressFile.writeText(Progress(legacy.bundle, 3, legacy.seed, legacy.losses, legacy.step, legacy.checkpoint,
-                legacy.previous, legacy.sha256, legacy.dataSha256).toJson())
+        writeLegacy(3)
         assertFalse(run.start(bundle, bigger).fresh)
         // a recorded identity written by another JSON writer: numbers compare by value, null counts as absent
         val written = run.progressFile.readText()
@@ -247,10 +253,7 @@ class TrainingTest {
 
     @Test
     fun refusesTamperedCheckpointsAndOtherBundles() {
-        val run = RunFolder(File(dir, "run-bad"))
-        val (t, buffer) = trainer(run, 3)
-        t.run(FakeEngine(), run.start(bundle, header))
-        buffer.close()
+        val run = trainedRun("run-bad")
         File(run.dir, "checkpoint-000003").appendText("x")
         try {
             run.start(bundle, header)
