@@ -112,14 +112,18 @@ def child_case(spec: dict) -> dict:
     }
 
 
+def _loss_part(result: dict, reference: dict) -> dict:
+    """The loss part of a row's fidelity: its losses against its reference's, largest relative difference."""
+    pairs = list(zip(result["losses"], reference["losses"]))
+    return {"loss_rel_diff": max(abs(a - b) / max(abs(b), 1e-12) for a, b in pairs),
+            "losses": result["losses"], "reference_losses": reference["losses"]}
+
+
 def _fidelity(save: Path, case: Case, result: dict, reference: dict) -> dict:
     import torch
     out = {"reference": case.reference}
     if result.get("losses") and reference.get("losses"):
-        pairs = list(zip(result["losses"], reference["losses"]))
-        out["loss_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in pairs)
-        out["losses"] = result["losses"]
-        out["reference_losses"] = reference["losses"]
+        out.update(_loss_part(result, reference))
     if case.kind in ("lora", "hollowed"):
         paths = [save / f"{n}.{w}.safetensors" for n in (case.name, case.reference) for w in ("initial", "final")]
         if all(p.exists() for p in paths):
@@ -179,7 +183,8 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
                               buffer_shape=plan.buffer_shape, buffer_bytes_fp32=plan.buffer_bytes_fp32)
     stem = f"memory_{arch}_{device}_{plan.resolution}px_r{rank}_k{plan.depth}"
     old = _merge_base(Path(out), stem, settings) if merge and out is not None else None
-    history = [] if old is None else old["settings"].get("merged_from", []) + [old["settings"]["date"]]
+    if old is not None:  # the dates of every run whose rows this result keeps
+        settings["merged_from"] = old["settings"].get("merged_from", []) + [old["settings"]["date"]]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="hollow-bench-save-") as save_dir:
         save = Path(save_dir)
@@ -224,8 +229,7 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
             if out is not None:  # what is measured so far, and what --merge keeps, survives an interrupted run
                 so_far = [r for r in (old or {}).get("rows", []) if r["case"] not in results] + list(results.values())
                 store.write_json(Path(out) / f"{stem}.partial.json",
-                                 {"kind": "memory", "partial": True, "rows": so_far,
-                                  "settings": {**settings, "merged_from": history} if history else settings})
+                                 {"kind": "memory", "partial": True, "settings": settings, "rows": so_far})
         for case in chosen:
             row = results[case.name]
             if case.reference and case.reference in results and "peak_bytes" in row \
@@ -237,7 +241,6 @@ def memory_table(arch: str = "tiny", device: str = "cpu", resolution: int | None
         order = [c.name for c in all_cases(rank)]
         rows = sorted(list(kept.values()) + rows, key=lambda r: order.index(r["case"]) if r["case"] in order else 99)
         _loss_fidelity(rows, {c.name: c.reference for c in all_cases(rank)})
-        settings["merged_from"] = history
         log(f"merged with {len(kept)} row(s) measured on {old['settings']['date']}")
     _add_ratios(rows)
     result = {"kind": "memory", "settings": settings, "rows": rows,
@@ -273,9 +276,7 @@ def _loss_fidelity(rows: list[dict], references: dict) -> None:
         ref = by.get(references.get(row["case"]) or "")
         if "fidelity" in row or ref is None or not row.get("losses") or not ref.get("losses"):
             continue
-        pairs = list(zip(row["losses"], ref["losses"]))
-        row["fidelity"] = {"reference": ref["case"], "losses": row["losses"], "reference_losses": ref["losses"],
-                           "loss_rel_diff": max(abs(a - b) / max(abs(b), 1e-12) for a, b in pairs),
+        row["fidelity"] = {"reference": ref["case"], **_loss_part(row, ref),
                            "note": "merged: loss only (the two rows come from different runs)"}
 
 
