@@ -371,14 +371,18 @@ def bench_sweep(arch, steps, rank, resolution, samples, lr, device, no_measure, 
 @click.option("--timeout", type=POSITIVE, default=None, help="Seconds per build/measure process.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the temporary bundles go.")
 @click.option("--merge", is_flag=True, help="Add these rows to the result already in --out (same settings).")
+@click.option("--rounds", type=COUNT, default=1, show_default=True,
+              help="Measure the rows round-robin this many times (every bundle kept on disk meanwhile): step "
+                   "times that a slow spell of the machine would skew, compared fairly.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
               help="Folder for the result JSON and PNG.")
-def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, timeout, workdir, merge, out):
+def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, timeout, workdir, merge, rounds,
+              out):
     """ORT training of the Hollowed Net bundle vs a plain-LoRA bundle vs ORT inference, side by side."""
     from .bench.ort import ort_bench, ort_text
     result = ort_bench(arch=arch, resolution=resolution, rank=rank, fraction=fraction, depth=depth,
                        steps=steps, threads=threads, out=Path(out), workdir=workdir, timeout=timeout,
-                       kinds=tuple(_names(engines) or ()), merge=merge)
+                       kinds=tuple(_names(engines) or ()), merge=merge, rounds=rounds)
     _bench_done(result, ort_text)
 
 

@@ -312,6 +312,28 @@ def test_ort_bench_on_tiny_trains_each_bundle_without_torch(tmp_path, monkeypatc
     assert "hollowed/lora" in ort.ort_text(result)
 
 
+def test_ort_rounds_measure_the_rows_round_robin_from_one_build_each(tmp_path):
+    lines = []
+    result = ort.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, threads=2, out=tmp_path,
+                           kinds=("hollowed", "inference"), rounds=2, log=lines.append)
+    builds = [line.split("]")[0] for line in lines if "building" in line]
+    measures = [line.split(" ...")[0] for line in lines if "measuring" in line]
+    assert builds == ["[hollowed", "[inference"]  # each folder built once, both before the second round
+    assert measures == ["[hollowed] measuring in a fresh process (round 1 of 2)",
+                        "[inference] measuring in a fresh process (round 1 of 2)",
+                        "[hollowed] measuring in a fresh process (round 2 of 2)",
+                        "[inference] measuring in a fresh process (round 2 of 2)"]
+    assert result["settings"]["rounds"] == 2
+    for row in result["rows"]:
+        assert "error" not in row, row.get("error")
+        rounds = row["rounds"]
+        assert len(rounds) == 2
+        assert row["median_step_seconds"] == pytest.approx(np.median([r["median_step_seconds"] for r in rounds]))
+        assert row["peak_rss_bytes"] == max(r["peak_rss_bytes"] for r in rounds)
+    with pytest.raises(ort.BenchError, match="--rounds"):
+        ort.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, out=tmp_path, rounds=0)
+
+
 def test_ort_ablation_shares_builds_and_measures_each_lever_against_its_baseline(tmp_path):
     result = ort.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, threads=2, out=tmp_path,
                            kinds=("baseline", "session", "all_fp16", "inference_default", "inference_unknown_batch"),

@@ -2,6 +2,7 @@
 read of a unit-internal activation is left; refusals."""
 
 import collections
+import re
 import shutil
 
 import onnx
@@ -71,6 +72,27 @@ def _held_unit_activations(model):
     return held
 
 
+def _recomputed_activations(model):
+    """`_held_unit_activations` less the boundaries the copies read from the forward on purpose, told apart by
+    the module names that make and read them (the rewrite's rule restated): the self-attention output its
+    output projection reads, the resnet output the transformer reads, the resnet's first conv output."""
+    g = model.graph
+    prod = {o: n.name for n in g.node for o in n.output}
+    fwd = forward_names(g)
+    readers = collections.defaultdict(list)
+    for n in g.node:
+        if n.name in fwd:
+            for i in n.input:
+                readers[i].append(n.name)
+
+    def boundary(t):
+        made, read = prod[t], readers[t]
+        return ("/attn1/" in made and "/attn1/to_out.0/" not in made and any("/attn1/to_out.0/" in r for r in read)) \
+            or (re.search(r"/resnets\.\d+/", made) and any(re.search(r"/attentions\.\d+/", r) for r in read)) \
+            or bool(re.search(r"/resnets\.\d+/conv1/", made))
+    return [h for h in _held_unit_activations(model) if not boundary(h[1])]
+
+
 def test_unit_recompute_trains_exactly_like_the_plain_graph(plain, tmp_path):
     before = onnx.load(str(plain / fmt.TRAINING_MODEL))
     held = _held_unit_activations(before)
@@ -82,17 +104,40 @@ def test_unit_recompute_trains_exactly_like_the_plain_graph(plain, tmp_path):
     units = {n.name.split("/")[1] for n in before.graph.node if n.name.startswith("/unit_scopes.")}
     assert len(holding) <= count <= len(units)  # conv_in, the samplers: only their input is read back
     assert len(holding) > 5
-    assert _held_unit_activations(model) == []
+    assert _recomputed_activations(model) == []
     onnx.save(model, str(tmp_path / "units" / fmt.TRAINING_MODEL))
     # measured bit-identical on ORT 1.19.2 CPU (the copies run the same kernels on the same bits): tolerance 0
     assert_trains_identically(tmp_path / "units", plain, steps=4)
+
+
+def _copied(model, op, pattern):
+    """Names of unit-copy nodes (recompute_units/K/...) of type `op` whose name matches `pattern`."""
+    return [n.name for n in model.graph.node
+            if n.name.startswith("recompute_units/") and n.op_type == op and re.search(pattern, n.name)]
+
+
+def test_unit_copies_read_the_attention_and_resnet_outputs_from_the_forward(plain):
+    whole = onnx.load(str(plain / fmt.TRAINING_MODEL))
+    recompute_units(whole, keep_boundaries=False)
+    kept = onnx.load(str(plain / fmt.TRAINING_MODEL))
+    recompute_units(kept)
+    attention_core = [("MatMul", r"/attn1/MatMul"), ("Softmax", r"/attn1/Softmax")]
+    resnet_convs = [("Conv", r"/resnets\.\d+/conv[12]/")]
+    for op, pattern in attention_core + resnet_convs:
+        assert _copied(whole, op, pattern)  # without boundaries the copies redo them
+        assert _copied(kept, op, pattern) == [], (op, pattern)
+    assert _copied(kept, "Softmax", r"/attn2/Softmax")  # the cross-attention is still recomputed
+    assert _held_unit_activations(whole) == []  # without boundaries the backward reads copies only
+    held = {t for _, t, _ in _held_unit_activations(kept)}  # with them, the copies' gates read just those
+    assert held and _recomputed_activations(kept) == []
+    # that the kept graph trains exactly like the plain one: test_unit_recompute_trains_exactly_like_the_plain_graph
 
 
 def test_built_bundle_has_the_units_rewritten(plain, tmp_path):
     folder = _build(tmp_path / "b", BuildSettings(lr=1e-3))
     model = onnx.load(str(folder / fmt.TRAINING_MODEL), load_external_data=False)
     assert any(n.name.startswith("recompute_units/") for n in model.graph.node)
-    assert _held_unit_activations(model) == []
+    assert _recomputed_activations(model) == []
 
 
 def test_graph_without_unit_scopes_is_refused(plain):

@@ -84,6 +84,9 @@ ROWS = {
                          TRAINING_SESSION, "baseline"),
     "all_top2_units": Row("hollowed", "all levers, units recomputed at the 2 highest resolutions only, fp32 frozen",
                           {**ALL_FP32, "recompute_levels": 2}, TRAINING_SESSION, "baseline"),
+    "all_whole_units": Row("hollowed", "all levers, unit copies recompute every activation (no kept boundaries: "
+                           "self-attention and resnet outputs recomputed too), fp32 frozen",
+                           {**ALL_FP32, "unit_boundaries": False}, TRAINING_SESSION, "baseline"),
     "all_chunk1024": Row("hollowed", "all levers, attention chunks of 1024 query tokens, fp32 frozen",
                          {**ALL_FP32, "attention_chunk": 1024}, TRAINING_SESSION, "baseline"),
     "all_unchunked": Row("hollowed", "all levers, attention not chunked, fp32 frozen",
@@ -287,38 +290,39 @@ def _check_rows(rows) -> tuple:
     return rows
 
 
-def _measure_rows(names, case: dict, timeout, workdir, partial, log) -> dict:
+def _measure_rows(names, case: dict, timeout, workdir, partial, log, rounds: int = 1) -> dict:
     """Build each distinct folder once (rows grouped by build), measure every row in a fresh process and
     compare it with its baseline; {name: row}. `case`: arch, plan (bench_plan's arguments), shapes, steps,
-    threads; `partial`: (path, settings) to save the rows measured so far, or None."""
+    threads; `partial`: (path, settings) to save the rows measured so far, or None. `rounds` > 1: every
+    folder is built first and kept, then the rows are measured round-robin (A B C, A B C, ...), so a slow
+    spell of the machine falls on every row alike; a row's step time is the median of its rounds' medians,
+    its peaks the highest of its rounds'."""
     order = sorted(names, key=lambda n: [ROWS[m].build_key() for m in names].index(ROWS[n].build_key()))
     measured = {}
     with tempfile.TemporaryDirectory(prefix="hollow-ort-", dir=workdir) as tmp:
         builds, dumps = {}, {}
-        for name in order:
-            spec = ROWS[name]
-            key = spec.build_key()
-            if key not in builds:
-                for done in builds.values():  # one build on disk at a time: the rows sharing it are done
-                    shutil.rmtree(done["folder"], ignore_errors=True)
-                folder = Path(tmp) / f"build{len(builds)}"
-                log(f"[{name}] building {spec.kind} {spec.build or 'defaults'} in a fresh process ...")
-                built = run_child({"job": "ort_build", "kind": spec.kind, "arch": case["arch"], "plan": case["plan"],
-                                   "out": str(folder), "threads": case["threads"], "build": spec.build}, timeout)
-                built["folder"] = str(folder)
-                builds[key] = built
-                if "error" not in built:
-                    log(f"[{name}] built in {built['build_seconds']:.0f} s, peak RSS "
-                        f"{built['build_peak_rss_bytes'] / GB:.2f} GB, {built['disk_bytes'] / GB:.3f} GB on disk")
-            built = builds[key]
-            row = {"name": name, "kind": spec.kind, "label": spec.label, "build": spec.build,
-                   "session": spec.session, "baseline": spec.baseline,
-                   **{k: v for k, v in built.items() if k != "folder"}}
-            if "error" in built:
-                row["error"] = "build: " + built["error"]
-                log(f"[{name}] {row['error']}")
-            else:
-                log(f"[{name}] measuring in a fresh process ...")
+        for r in range(rounds):
+            for name in order:
+                spec = ROWS[name]
+                key = spec.build_key()
+                if key not in builds:
+                    if rounds == 1:
+                        for done in builds.values():  # one build on disk at a time: the rows sharing it are done
+                            shutil.rmtree(done["folder"], ignore_errors=True)
+                    builds[key] = _build_folder(name, spec, case, Path(tmp) / f"build{len(builds)}", timeout, log)
+                built = builds[key]
+                if r == 0:
+                    measured[name] = {"name": name, "kind": spec.kind, "label": spec.label, "build": spec.build,
+                                      "session": spec.session, "baseline": spec.baseline,
+                                      **{k: v for k, v in built.items() if k != "folder"}}
+                    if "error" in built:
+                        measured[name]["error"] = "build: " + built["error"]
+                        log(f"[{name}] {measured[name]['error']}")
+                row = measured[name]
+                if "error" in row:
+                    continue
+                log(f"[{name}] measuring in a fresh process" + (f" (round {r + 1} of {rounds})" if rounds > 1 else "")
+                    + " ...")
                 dumps[name] = Path(tmp) / f"{name}.npz"
                 got = run_child({"job": "ort_measure", "kind": spec.kind, "folder": built["folder"],
                                  "steps": case["steps"], "shapes": case["shapes"], "threads": case["threads"],
@@ -327,13 +331,12 @@ def _measure_rows(names, case: dict, timeout, workdir, partial, log) -> dict:
                     row["error"] = "measure: " + got["error"]
                     log(f"[{name}] {row['error']}")
                 else:
-                    row.update(got)
+                    _add_round(row, got, rounds)
                     log(f"[{name}] peak RSS {got['peak_rss_bytes'] / GB:.3f} GB (steps "
                         f"{_fmt_bytes(got['step_peak_rss_bytes'])}), median step {got['median_step_seconds']:.3f} s")
-            measured[name] = row
-            if partial is not None:  # what is measured so far survives an interrupted run
-                store.write_json(partial[0], {"kind": "ort", "partial": True, "settings": partial[1],
-                                              "rows": list(measured.values())})
+                if partial is not None:  # what is measured so far survives an interrupted run
+                    store.write_json(partial[0], {"kind": "ort", "partial": True, "settings": partial[1],
+                                                  "rows": list(measured.values())})
         for name, row in measured.items():
             ref = measured.get(row["baseline"] or "")
             if ref is not None and "error" not in row and "error" not in ref:
@@ -342,15 +345,50 @@ def _measure_rows(names, case: dict, timeout, workdir, partial, log) -> dict:
     return measured
 
 
+def _build_folder(name: str, spec: Row, case: dict, folder: Path, timeout, log) -> dict:
+    """One row's folder, built in a fresh process; the child's result (+ "folder")."""
+    log(f"[{name}] building {spec.kind} {spec.build or 'defaults'} in a fresh process ...")
+    built = run_child({"job": "ort_build", "kind": spec.kind, "arch": case["arch"], "plan": case["plan"],
+                       "out": str(folder), "threads": case["threads"], "build": spec.build}, timeout)
+    built["folder"] = str(folder)
+    if "error" not in built:
+        log(f"[{name}] built in {built['build_seconds']:.0f} s, peak RSS "
+            f"{built['build_peak_rss_bytes'] / GB:.2f} GB, {built['disk_bytes'] / GB:.3f} GB on disk")
+    return built
+
+
+ROUND_KEYS = ("median_step_seconds", "step_peak_rss_bytes", "peak_rss_bytes", "load_peak_rss_bytes")
+
+
+def _add_round(row: dict, got: dict, rounds: int) -> None:
+    """Fold one measurement into `row`: the first as it is; with several rounds, each round's step time and
+    peaks are listed under "rounds", the step time is their median and each peak their highest."""
+    import numpy as np
+
+    if rounds == 1:
+        row.update(got)
+        return
+    row.setdefault("rounds", []).append({k: got[k] for k in ROUND_KEYS if got.get(k) is not None})
+    row.update(got)  # the latest round's details (step times, losses); the round keys are then summarized
+    done = row["rounds"]
+    row["median_step_seconds"] = float(np.median([d["median_step_seconds"] for d in done]))
+    for k in ROUND_KEYS[1:]:
+        if all(k in d for d in done):
+            row[k] = max(d[k] for d in done)
+
+
 def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128, fraction: float | None = 0.4,
               depth: int | None = None, steps: int = 5, threads: int | None = None, out: Path | None = None,
               workdir: Path | None = None, timeout: float | None = None, kinds: tuple = DEFAULT_ROWS,
-              merge: bool = False, log=print) -> dict:
+              merge: bool = False, rounds: int = 1, log=print) -> dict:
     """Measure the rows `kinds` (names from `ROWS`; `ABLATION` is the lever ablation), each in a fresh process.
 
     `merge=True` adds these rows to the result already in `out` for the same settings (rows measured
     again replace the old ones; differences are only taken against a baseline measured in the same run).
+    `rounds` > 1 measures the rows round-robin that many times, every folder kept on disk (`_measure_rows`).
     """
+    if rounds < 1:
+        raise BenchError(f"--rounds must be at least 1 (got {rounds})")
     if steps < 2:
         raise BenchError("--steps must be at least 2 (the first run is a warm-up, not timed in the median)")
     names = _check_rows(dict.fromkeys(n for k in kinds for n in (ABLATION if k == "ablation" else (k,))))
@@ -366,13 +404,14 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
                               onnxruntime=onnxruntime.__version__, resolution=plan.resolution, rank=rank,
                               depth=plan.depth, hollowed_fraction=plan.hollowed_fraction, dtype="fp32 compute",
                               batch=1, tokens=TOKENS, steps=steps, threads=threads, unet_params=plan.unet_params,
-                              kept_params=plan.kept_params, lora_params_hollowed=plan.lora_params)
+                              kept_params=plan.kept_params, lora_params_hollowed=plan.lora_params,
+                              rounds=rounds)
     stem = f"ort_{arch}_{plan.resolution}px_r{rank}_k{plan.depth}" + (
         "" if set(names) <= set(DEFAULT_ROWS) else "_ablation")
     old = earlier_result(Path(out) / f"{stem}.json", settings, MERGE_KEYS) if merge and out is not None else None
     partial = None if out is None else (Path(out) / f"{stem}.partial.json", settings)
     case = {"arch": arch, "plan": plan_args, "shapes": shapes, "steps": steps, "threads": threads}
-    measured = _measure_rows(names, case, timeout, workdir, partial, log)
+    measured = _measure_rows(names, case, timeout, workdir, partial, log, rounds)
     rows = [measured[n] for n in names]
     if old is not None:
         kept = [r for r in old["rows"] if r["name"] not in measured]
@@ -390,7 +429,9 @@ def ort_bench(arch: str = "tiny", resolution: int | None = None, rank: int = 128
                         "with the row's session settings: whole peak = that child's VmHWM over its whole life "
                         "(checkpoint load and session creation included), load peak = VmHWM once the sessions "
                         "exist, step peak = VmHWM over the steps after resetting it (clear_refs 5); held = RSS "
-                        "after the sessions are created; median over steps 2..N (step 1 is a warm-up); inputs "
+                        "after the sessions are created; median over steps 2..N (step 1 is a warm-up; with "
+                        "rounds > 1 the rows are measured round-robin, step time the median of the rounds' "
+                        "medians, peaks the highest of the rounds'); inputs "
                         "random with the same seed in every row, so losses compare across rows of a kind; LoRA "
                         "update = LoRA after the steps minus the checkpoint's, compared with the baseline row's; "
                         "bundle bytes = every file of the folder, checkpoint bytes = checkpoint (+ .data)"}

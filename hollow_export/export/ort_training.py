@@ -9,8 +9,10 @@ Out: training_model.onnx, eval_model.onnx, optimizer_model.onnx (AdamW with PyTo
 
 The memory levers of issue 13 (`EngineLevers`, each can be switched off for the ablation bench):
 attention exported query-chunked (`attention.py`), every softmax output recomputed in the backward
-(`recompute.py`), every kept unit's activations recomputed in the backward (`recompute_units.py`), frozen weights out of the checkpoint in one external-data file (`frozen.py`), and an
-unknown batch dimension, so ORT's planner frees each activation at its last use (`batch_dim.py`).
+(`recompute.py`), every kept unit's activations recomputed in the backward (`recompute_units.py`; its
+copy reads the self-attention and resnet outputs from the forward), frozen weights out of the checkpoint
+in one external-data file (`frozen.py`), and an unknown batch dimension, so ORT's planner frees each
+activation at its last use (`batch_dim.py`).
 
 The training graph is exported without its frozen weights: they become named graph inputs (later
 external initializers in frozen_weights.bin), and the checkpoint is written from the torch tensors
@@ -52,6 +54,7 @@ class EngineLevers:
     recompute_attention: bool = True  # softmax outputs recomputed in the backward (recompute.py)
     recompute_units: bool = True  # each unit's activations recomputed in the backward (recompute_units.py)
     recompute_levels: int | None = None  # unit recompute only at the N highest resolutions (None: every unit)
+    unit_boundaries: bool = True  # unit copies read the self-attention and resnet outputs from the forward
     frozen_external: bool = True  # frozen weights in frozen_weights.bin; False (ablation): in the checkpoint
     frozen_dtype: str = "float32"  # float32 | float16 storage of the frozen weights
     unknown_batch: bool = True  # inputs' batch dimension unknown, so ORT frees each activation at its last use (batch_dim.py)
@@ -135,18 +138,16 @@ def write_checkpoint(net: nn.Module, trainable: list[str], frozen: list[str], pa
     save_checkpoint(([proto(n) for n in trainable], [proto(n) for n in frozen]), str(path))
 
 
-def rewrite_training_graph(path: Path, attention: bool = True, units: bool = True,
-                           batch_inputs: list[str] | None = None, levels: int | None = None) -> None:
-    """Recompute every attention's softmax (`attention`), then every unit's activations (`units`), in the
-    backward of the training graph at `path`, then make the batch dimension of `batch_inputs` unknown
-    (None: leave it) (in place)."""
+def rewrite_training_graph(path: Path, levers: EngineLevers, input_names: list[str]) -> None:
+    """The training graph at `path`, rewritten in place as `levers` say: every attention's softmax recomputed
+    in the backward, then every unit's activations, then the batch dimension of `input_names` unknown."""
     model = onnx.load(str(path))
-    if attention:
+    if levers.recompute_attention:
         recompute_attention(model)
-    if units:
-        recompute_units(model, levels)
-    if batch_inputs:
-        unknown_batch(model, batch_inputs)
+    if levers.recompute_units:
+        recompute_units(model, levers.recompute_levels, levers.unit_boundaries)
+    if levers.unknown_batch:
+        unknown_batch(model, input_names)
     onnx.save(model, str(path))
 
 
@@ -173,8 +174,7 @@ def write_artifacts(net: nn.Module, args: tuple, input_names: list[str], out: Pa
     graph.unlink()
     gc.collect()
     if levers.recompute_attention or levers.recompute_units or levers.unknown_batch:
-        rewrite_training_graph(out / fmt.TRAINING_MODEL, levers.recompute_attention, levers.recompute_units,
-                               input_names if levers.unknown_batch else None, levers.recompute_levels)
+        rewrite_training_graph(out / fmt.TRAINING_MODEL, levers, input_names)
     if levers.frozen_external:
         store_frozen(net, frozen, out, levers.frozen_dtype)
     write_checkpoint(net, trainable, [] if levers.frozen_external else frozen, out / fmt.CHECKPOINT)

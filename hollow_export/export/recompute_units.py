@@ -28,6 +28,19 @@ key projection of the prompt) is not copied: CSE would merge it back anyway, and
 The backward readers of the copied tensors are then pointed at the copies. The forward's own tensors die
 at their last forward use.
 
+Kept boundaries (`keep_boundaries`, the default): two tensors inside a unit are cheap to keep and dear to
+recompute, so the copy reads them from the forward (through the same gate) instead of recomputing them:
+  - the self-attention's output before its output projection (made by a `.../attn1/` node, read by a
+    `.../attn1/to_out.0/` node): tokens x channels floats, against the scores MatMul, Softmax and P @ V the
+    copy would redo (at 64x64 latents 4096 x 4096 per head; the backward's own softmax copy of
+    `recompute.py` still recomputes P from the copy's Q and K, so those are recomputed as before);
+  - the resnet's output the unit's transformer reads (made by a `.../resnets.N/` node, read by an
+    `.../attentions.N/` node): one activation, against the resnet's second conv and its shortcut;
+  - the resnet's first conv output (`.../resnets.N/conv1/`): one activation, against the largest conv of
+    the copy (an up block's conv1 reads the skip concatenation: twice the channels); the copy still
+    recomputes its input, GroupNorm and SiLU, which the conv's input gradient reads.
+The copy then holds the unit's remaining activations only; the math is unchanged (the same bits).
+
 Refusals (`RecomputeError`, naming the unit): a graph without `/unit_scopes.K/` nodes (exported without
 unit scopes), a unit whose output has no gradient tensor to gate on, a rewrite that would make a cycle,
 and a second rewrite.
@@ -83,15 +96,23 @@ def unit_of_nodes(graph: onnx.GraphProto, forward: set[int]) -> dict[int, int]:
     return unit
 
 
-def recompute_units(model: onnx.ModelProto, levels: int | None = None) -> int:
+BOUNDARIES = (  # (made by a node named like this, read by a node named like that): kept from the forward
+    (re.compile(r"/attn1/(?!to_out\.0/)"), re.compile(r"/attn1/to_out\.0/")),
+    (re.compile(r"/resnets\.\d+/"), re.compile(r"/attentions\.\d+/")),
+    (re.compile(r"/resnets\.\d+/conv1/"), re.compile(r"/resnets\.\d+/(?!conv1/)")),
+)
+
+
+def recompute_units(model: onnx.ModelProto, levels: int | None = None, keep_boundaries: bool = True) -> int:
     """Point every backward reader of a unit's activation at a dY-gated copy of the unit's forward, in place.
 
     `levels`: only the units of the `levels` highest resolutions are recomputed (None: every unit); a unit's
     level is read from its output's element count, which halves from one level of an SD U-Net to the next
     (twice the channels on a quarter of the pixels), so a unit is recomputed when its output holds at least
     1 / 2**(levels - 1) of the largest unit output. The low-resolution units keep their activations: little
-    memory for much convolution work. Returns the number of units rewritten. Raises RecomputeError as the
-    module docstring says.
+    memory for much convolution work. `keep_boundaries`: the copy reads the unit's self-attention output
+    and resnet output from the forward (module docstring). Returns the number of units rewritten. Raises
+    RecomputeError as the module docstring says.
     """
     graph = model.graph
     if any(init.name == f"{PREFIX}/zero" for init in graph.initializer):
@@ -137,7 +158,8 @@ def recompute_units(model: onnx.ModelProto, levels: int | None = None) -> int:
             raise RecomputeError(f"unit {u} (nodes /unit_scopes.{u}/...): none of its outputs {outputs[:3]} has a "
                                  "gradient tensor <output>_grad in the backward to gate its recomputation on")
         d_out = max(grads, key=lambda g: producer[g])  # the last computed: the copy starts as late as possible
-        needed = _ancestors_inside(nodes, producer, inside, saved)
+        recomputed = inside - (_boundaries(nodes, inside, readers) if keep_boundaries else set())
+        needed = _ancestors_inside(nodes, producer, recomputed, saved)
         tag = f"{PREFIX}/{u}"
         after = next((params[j] for j in sorted(members) if j > u and params[j]), [])
         gate, zero = zero_after(f"{tag}/wait", [d_out] + [p + "_grad" for p in after], PREFIX)
@@ -149,7 +171,7 @@ def recompute_units(model: onnx.ModelProto, levels: int | None = None) -> int:
             for i in node.input:
                 if i in renamed:
                     inputs.append(renamed[i])
-                elif i in producer and producer[i] in forward and producer[i] not in inside \
+                elif i in producer and producer[i] in forward and producer[i] not in recomputed \
                         and nodes[producer[i]].op_type != "Constant":
                     renamed[i] = f"{tag}/in/{i}"
                     gate += [helper.make_node("CastLike", [zero, i], [f"{tag}/z/{i}"], name=f"{tag}/z/{i}"),
@@ -183,6 +205,17 @@ def recompute_units(model: onnx.ModelProto, levels: int | None = None) -> int:
     read_weights_untransposed(graph)
     sort_topologically(graph)
     return rewritten
+
+
+def _boundaries(nodes, inside: set[int], readers: dict) -> set[int]:
+    """The unit's nodes whose outputs its copy reads from the forward (`BOUNDARIES`, module docstring)."""
+    kept = set()
+    for k in inside:
+        for made, read in BOUNDARIES:
+            if made.search(nodes[k].name) and any(read.search(nodes[r].name) for o in nodes[k].output if o
+                                                  for r in readers[o] if r in inside):
+                kept.add(k)
+    return kept
 
 
 def _units_below(graph: onnx.GraphProto, outputs_of: dict, levels: int | None) -> set:
