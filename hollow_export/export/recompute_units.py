@@ -26,7 +26,8 @@ copy depends on dY) can merge the copy back into the forward or run it early. A 
 whose inputs is gated or copied (it reads only weights, graph inputs or constants, e.g. a cross-attention
 key projection of the prompt) is not copied: CSE would merge it back anyway, and its output is small.
 The backward readers of the copied tensors are then pointed at the copies. The forward's own tensors die
-at their last forward use.
+at their last forward use, except the per-input lengths of ORT's ConcatTraining (a few int64s), which its
+gradient reads from the forward.
 
 Kept boundaries (`keep_boundaries`, the default): two tensors inside a unit are cheap to keep and dear to
 recompute, so the copy reads them from the forward (through the same gate) instead of recomputing them:
@@ -150,7 +151,8 @@ def recompute_units(model: onnx.ModelProto, levels: int | None = None, keep_boun
         inside = set(members[u])
         outputs = outputs_of[u]
         saved = [o for k in sorted(inside) for o in nodes[k].output
-                 if o and o not in outputs and any(r not in forward for r in readers[o])]
+                 if o and o not in outputs and any(r not in forward for r in readers[o])
+                 and not _lengths(nodes[k], o)]
         if not saved or u in kept:
             continue
         grads = [o + "_grad" for o in outputs if o + "_grad" in producer and producer[o + "_grad"] not in forward]
@@ -205,6 +207,13 @@ def recompute_units(model: onnx.ModelProto, levels: int | None = None, keep_boun
     read_weights_untransposed(graph)
     sort_topologically(graph)
     return rewritten
+
+
+def _lengths(node: onnx.NodeProto, tensor: str) -> bool:
+    """`tensor` is the per-input lengths output of ORT's ConcatTraining (a few int64s, read by its gradient's
+    SplitTraining): the backward reads the forward's own, so the copy need not redo the concatenation (nor,
+    for a query-chunked attention, every chunk feeding it)."""
+    return node.op_type == "ConcatTraining" and tensor in node.output[1:]
 
 
 def _boundaries(nodes, inside: set[int], readers: dict) -> set[int]:
