@@ -213,8 +213,8 @@ def evaluate(generated, reference, prompts, judge, clip_path, dino_path, out):
               help="Storage of the frozen base weights in the bundle (fp16: half the bytes, computed in fp32).")
 @click.option("--recompute-levels", type=click.IntRange(min=1), default=None,
               help="Recompute kept units in the backward only at the N highest resolutions: faster steps, more "
-                   "memory (sd21 512 px on 2 cores, N=2: 3.93 GB peak at 11.9 s a step; every unit: 3.29 GB at "
-                   "13.3 s). Default: every unit.")
+                   "memory (sd21 512 px on 2 cores, N=2: 3.89 GB peak at 10.9 s a step; every unit: 3.34 GB at "
+                   "12.1 s). Default: every unit.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/bundle", show_default=True,
               help="Bundle folder (new or empty).")
 @overwrite_option("bundle")
