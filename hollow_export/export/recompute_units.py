@@ -29,7 +29,7 @@ The backward readers of the copied tensors are then pointed at the copies. The f
 at their last forward use, except the per-input lengths of ORT's ConcatTraining (a few int64s), which its
 gradient reads from the forward.
 
-Kept boundaries (`keep_boundaries`, the default): two tensors inside a unit are cheap to keep and dear to
+Kept boundaries (`keep_boundaries`, the default): three tensors inside a unit are cheap to keep and dear to
 recompute, so the copy reads them from the forward (through the same gate) instead of recomputing them:
   - the self-attention's output before its output projection (made by a `.../attn1/` node, read by a
     `.../attn1/to_out.0/` node): tokens x channels floats, against the scores MatMul, Softmax and P @ V the
