@@ -148,10 +148,81 @@ def _wait_for_checkpoint(proc, run, after: int, output) -> int:
     pytest.fail(f"training exited ({proc.returncode}) before a checkpoint past step {after}: {output.read_text()}")
 
 
+def _wait_for_shown_step(proc, output, past: int) -> None:
+    """Poll the process's own progress bar until it shows a step past `past`."""
+    while proc.poll() is None:
+        shown = _shown_steps(output.read_text())
+        if shown and shown[-1] > past:
+            return
+        time.sleep(0.005)
+    pytest.fail(f"training exited ({proc.returncode}) before showing a step past {past}: {output.read_text()}")
+
+
 def _shown_steps(text: str) -> list[int]:
     """The steps tqdm's frames show, first to last: where the process began and how far it got (its own
     output, not progress.json)."""
     return [int(n) for n in re.findall(rf"train:[^\r\n]*?(\d+)/{STEPS}", text)]
+
+
+PLAIN_CLI = textwrap.dedent("""
+    import atexit, sys
+    atexit.register(lambda: print("torch loaded:", sys.modules.get("torch") is not None))
+    from hollow_export.cli import main
+    main()
+""")
+
+
+def test_device_cli_trains_without_loading_the_installed_torch(small_bundle, collected, trained, tmp_path):
+    """`import onnxruntime` of the training wheel loads torch wherever it is installed (its build check
+    imports ORTModule); the device runtime imports ORT with torch held off, so the plain CLI (no blocker)
+    trains torch-free, as on the phone, with the same losses as the in-process run."""
+    probe = subprocess.run([sys.executable, "-c", "import sys, onnxruntime; print(sys.modules.get('torch') is not None)"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "True", probe.stdout + probe.stderr  # the fault this guards against is real
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-c", PLAIN_CLI, "device", "train", "--bundle", str(small_bundle),
+                          "--buffer", str(collected), "--run", str(run), "--steps", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "torch loaded: False" in out.stdout, out.stdout
+    assert dtrain.read_progress(run)["losses"] == trained[1]["losses"][:2]
+
+
+def test_every_save_closes_the_sessions_and_training_goes_on_exactly(small_bundle, collected, tmp_path,
+                                                                     monkeypatch):
+    """Each checkpoint is saved with the training sessions closed (so the save's serialisation buffer does not
+    land on their arena and mapped weights), and reopening them over the in-memory state changes nothing: a
+    run saving after every step ends with the losses and LoRA of a run saving once, bit for bit."""
+    import weakref
+
+    from hollow_export.store import load_tensors
+    opened, open_at_save = [], []
+    real_open, real_save = dtrain.open_sessions, dtrain._save
+
+    def spy_open(*args):
+        module, optimizer = real_open(*args)
+        opened.append(weakref.ref(module))
+        return module, optimizer
+
+    def spy_save(*args):
+        open_at_save.append(sum(ref() is not None for ref in opened))
+        return real_save(*args)
+
+    monkeypatch.setattr(dtrain, "open_sessions", spy_open)
+    monkeypatch.setattr(dtrain, "_save", spy_save)
+    every = dtrain.train(small_bundle, collected, tmp_path / "every", dtrain.TrainConfig(steps=6, checkpoint_every=1,
+                                                                                       progress=False))
+    assert len(opened) == 6 and open_at_save == [0] * 6  # opened once, reopened after each save but the last
+    monkeypatch.undo()
+    once = dtrain.train(small_bundle, collected, tmp_path / "once", dtrain.TrainConfig(steps=6, checkpoint_every=6,
+                                                                                      progress=False))
+    assert every["losses"] == once["losses"]
+    loras = []
+    for name in ("every", "once"):
+        dexport.export_lora(small_bundle, tmp_path / name, tmp_path / f"lora_{name}")
+        loras.append(load_tensors(tmp_path / f"lora_{name}" / dexport.LORA_EXPORT))
+    assert loras[0].keys() == loras[1].keys()
+    assert all(np.array_equal(loras[0][k], loras[1][k]) for k in loras[0])
 
 
 def test_runtime_runs_without_torch_and_resumes_after_sigkill(small_bundle, collected, trained, tmp_path):
@@ -173,9 +244,8 @@ def test_runtime_runs_without_torch_and_resumes_after_sigkill(small_bundle, coll
             break
         seen = _wait_for_checkpoint(proc, run, landed[-1] if landed else 0, outputs[-1])
         if mid_way:
-            t0 = time.time()
             seen = _wait_for_checkpoint(proc, run, seen, outputs[-1])
-            time.sleep((time.time() - t0) / 2)  # half a checkpoint interval: two steps past `seen`
+            _wait_for_shown_step(proc, outputs[-1], seen)  # a step past that checkpoint: work the restart redoes
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
         at_death = dtrain.read_progress(run)["step"]

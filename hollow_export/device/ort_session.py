@@ -8,7 +8,7 @@ Out: `session_options(...)` -> the one `onnxruntime.SessionOptions` factory (qui
      NchwcTransformer off, no eval session unless asked); `training_options(settings)` -> those
      settings as SessionOptions (for graphs without a manifest, e.g. the bench's plain-LoRA
      baseline: `training_options(bundle.training_session())`); `training_api()` -> `onnxruntime.training.api` entered
-     without its PyTorch front-ends.
+     without its PyTorch front-ends; `onnxruntime_module()` -> `onnxruntime` imported without loading torch.
 Every ORT session of the project (device collect/train, the ORT inference engine, `bench ort`) is made here.
 """
 
@@ -18,18 +18,41 @@ import os
 from pathlib import Path
 
 
+def onnxruntime_module():
+    """`onnxruntime`, imported without loading torch when this process has not loaded it already.
+
+    The onnxruntime-training wheel checks its build at import by importing its PyTorch front-end
+    (`onnxruntime.training.ortmodule`), so a plain `import onnxruntime` loads torch wherever torch is
+    installed: 0.24 GB of RSS in a process that never uses it (`device train` at sd21 512 px peaked
+    at 3.98 GB with it, 3.74 GB without). The phone has no torch; neither has this runtime: torch is
+    held off while ORT is imported (the check takes the ImportError as "no ORTModule"), then released,
+    so a later `import torch` in the same process still works.
+    """
+    import sys
+
+    if "onnxruntime" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # a None entry makes `import torch` raise ImportError
+        try:
+            import onnxruntime  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    import onnxruntime
+    return onnxruntime
+
+
 def training_api():
     """`onnxruntime.training.api` (CheckpointState, Module, Optimizer) without importing torch.
 
     The `onnxruntime.training` package __init__ imports its PyTorch front-ends (ORTModule, amp,
     optim), though the on-device API is plain C++ bindings. A phone has no torch, so neither does
-    this runtime: the package is entered through a bare module holding only its path.
+    this runtime: ORT is imported with torch held off (`onnxruntime_module`) and the training package
+    is entered through a bare module holding only its path.
     """
     import importlib
     import sys
     import types
 
-    import onnxruntime
+    onnxruntime = onnxruntime_module()
 
     if "onnxruntime.training" not in sys.modules:
         package = types.ModuleType("onnxruntime.training")
@@ -46,8 +69,7 @@ def session_options(threads: int | None = None, cpu_arena: bool = True, mem_patt
     The Java twins (ORT 1.19.2 `OrtSession.SessionOptions`): `setIntraOpNumThreads`,
     `setCPUArenaAllocator`, `setMemoryPatternOptimization`, `addConfigEntry`.
     """
-    import onnxruntime as ort
-
+    ort = onnxruntime_module()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
@@ -86,7 +108,6 @@ def training_module(folder: Path, state, settings: dict, threads: int | None = N
 
 def inference_session(path: Path, threads: int | None = None, options=None):
     """An ONNX Runtime inference session on the CPU provider (`options`: default `session_options(threads)`)."""
-    import onnxruntime as ort
-
+    ort = onnxruntime_module()
     options = session_options(threads) if options is None else options
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
