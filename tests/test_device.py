@@ -176,7 +176,8 @@ def test_device_cli_trains_without_loading_the_installed_torch(small_bundle, col
     """`import onnxruntime` of the training wheel loads torch wherever it is installed (its build check
     imports ORTModule); the device runtime imports ORT with torch held off, so the plain CLI (no blocker)
     trains torch-free, as on the phone, with the same losses as the in-process run."""
-    probe = subprocess.run([sys.executable, "-c", "import sys, onnxruntime; print(sys.modules.get('torch') is not None)"],
+    probe = subprocess.run([sys.executable, "-c",
+                            "import sys, onnxruntime; print(sys.modules.get('torch') is not None)"],
                            capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "True", probe.stdout + probe.stderr  # the fault this guards against is real
     run = tmp_path / "run"

@@ -113,8 +113,8 @@ ROWS = {
 }
 DEFAULT_ROWS = ("hollowed", "lora", "inference")
 ABLATION = ("baseline", "session", "recompute", "recompute_chunk", "recompute_units", "frozen_external",
-            "frozen_fp16", "unknown_batch", "all_but_units", "all_whole_units", "all_but_batch", "all_fp32", "all_fp16", "lora_baseline",
-            "lora_all", "lora_all_fp16", "inference_default", "inference_best", "inference_lean",
+            "frozen_fp16", "unknown_batch", "all_but_units", "all_whole_units", "all_but_batch", "all_fp32", "all_fp16",
+            "lora_baseline", "lora_all", "lora_all_fp16", "inference_default", "inference_best", "inference_lean",
             "inference_bundle_session", "inference_unknown_batch", "inference_unknown_batch_session")
 INFERENCE_ROWS = ("inference", "inference_default", "inference_best", "inference_lean", "inference_bundle_session",
                   "inference_unknown_batch", "inference_unknown_batch_session")
