@@ -223,7 +223,7 @@ def test_every_save_closes_the_sessions_and_training_goes_on_exactly(small_bundl
         dexport.export_lora(small_bundle, tmp_path / name, tmp_path / f"lora_{name}")
         loras.append(load_tensors(tmp_path / f"lora_{name}" / dexport.LORA_EXPORT))
     assert loras[0].keys() == loras[1].keys()
-    assert all(np.array_equal(loras[0][k], loras[1][k]) for k in loras[0])
+    assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])  # bit for bit, as the SIGKILL test
 
 
 def test_runtime_runs_without_torch_and_resumes_after_sigkill(small_bundle, collected, trained, tmp_path):
