@@ -14,9 +14,10 @@ copy reads the self-attention and resnet outputs from the forward), frozen weigh
 in one external-data file (`frozen.py`), and an unknown batch dimension, so ORT's planner frees each
 activation at its last use (`batch_dim.py`).
 
-The training graph is exported without its frozen weights: they become named graph inputs (later
+The training graph is traced without its weights; the frozen ones stay named graph inputs (later
 external initializers in frozen_weights.bin), and the checkpoint is written from the torch tensors
-directly. So `generate_artifacts` only ever sees a graph of a few MB, whatever the
+directly. So neither the exporter nor `generate_artifacts` ever holds a weight in a protobuf: the
+latter sees a graph of a few MB, whatever the
 model size (it peaks near 8x the bytes of the graph it is given), and a >2 GB net never meets
 protobuf's 2 GB limit. ORT 1.19.2 lacks gradients or CPU kernels for three ops the U-Net exports
 to; `onnx.ort_friendly` swaps the modules behind them for basic-op twins.
@@ -60,36 +61,38 @@ class EngineLevers:
     unknown_batch: bool = True  # inputs' batch dimension unknown, so ORT frees each activation at its last use (batch_dim.py)
 
 
-def _lift_frozen_to_inputs(model: onnx.ModelProto, frozen: set[str]) -> list[str]:
-    """Move frozen initializers out of the graph into named inputs (fed from the checkpoint by ORT)."""
-    keep, lifted = [], []
-    for init in model.graph.initializer:
-        if init.name in frozen:
-            model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-            lifted.append(init.name)
-        else:
-            keep.append(init)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    return lifted
+def _weights_to_initializers(model: onnx.ModelProto, tensors: dict[str, torch.Tensor]) -> None:
+    """Turn the graph inputs named in `tensors` into initializers holding those tensors' values."""
+    inputs = [i for i in model.graph.input if i.name not in tensors]
+    filled = [i.name for i in model.graph.input if i.name in tensors]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(tensors[n].detach().cpu().numpy(), n) for n in filled)
 
 
 def export_training_graph(net: nn.Module, args: tuple, input_names: list[str], path: Path) -> tuple[list, list]:
     """`net` (LoRA injected, returning the loss) as ONNX in TRAINING mode, frozen weights as named inputs.
 
+    The exporter traces the graph without any weight (every parameter and buffer a named graph input);
+    then the LoRA weights and the buffers become initializers again, from their torch tensors. So no
+    protobuf ever holds the frozen weights, whatever their size (below 2 GB the exporter would build
+    one, with two more copies of them in memory: +5 GB at sd21 depth 4).
+
     Returns (trainable names, frozen names) as they appear in the graph.
     """
+    params = dict(net.named_parameters())
+    buffers = dict(net.named_buffers())
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        raw = Path(scratch) / "graph.onnx"  # weights land beside it when over 2 GB: the proto stays small
+        raw = Path(scratch) / "graph.onnx"
         torch.onnx.export(net, args, str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=False,
                           training=torch.onnx.TrainingMode.TRAINING, input_names=input_names,
-                          output_names=["loss"], export_params=True, keep_initializers_as_inputs=False)
-        model = onnx.load(str(raw), load_external_data=False)
-        names = {n for n, _ in net.named_parameters()}
-        trainable = [i.name for i in model.graph.initializer if ".lora_" in i.name]
-        frozen_in_graph = {i.name for i in model.graph.initializer if i.name in names and ".lora_" not in i.name}
-        frozen = _lift_frozen_to_inputs(model, frozen_in_graph)
-        onnx.load_external_data_for_model(model, scratch)  # what is left: LoRA and the exporter's constants
+                          output_names=["loss"], export_params=False, keep_initializers_as_inputs=True)
+        model = onnx.load(str(raw))
+    graph_inputs = [i.name for i in model.graph.input]
+    trainable = [n for n in graph_inputs if n in params and ".lora_" in n]
+    frozen = [n for n in graph_inputs if n in params and ".lora_" not in n]
+    _weights_to_initializers(model, {n: params[n] for n in trainable} | {n: b for n, b in buffers.items()
+                                                                        if n in graph_inputs})
     onnx.save(model, str(path))
     return trainable, frozen
 
