@@ -13,6 +13,7 @@ from hollow_export import store
 from hollow_export.hollow import lora
 from hollow_export.hollow.plan import LoraSpec, make_plan
 from hollow_export.cli import main
+from hollow_export.device.ort_session import training_module
 from hollow_export.export.build import BuildSettings, build
 from hollow_export.export import onnx as onnx_export
 from hollow_export.export.onnx import GroupNormOps, LayerNormOps, Upsample2xOps
@@ -86,11 +87,14 @@ def test_vae_encoder_graph_equals_diffusers(built):
     assert np.abs(std - dist.std.numpy() * sf).max() <= 1e-5
 
 
-def test_one_ort_training_step_equals_torch_adamw(built):
+def test_ort_training_steps_equal_torch_adamw(built):
+    """Two ORT steps of the bundle, opened as the runtime opens it, against the same two steps of the
+    PyTorch module with `torch.optim.AdamW`: the loss and every LoRA gradient of each step, then the
+    weights. AdamW's first update is about lr * sign(g), blind to a gradient's size: the gradients are
+    compared themselves, and the second update weighs the two steps' gradients by the moments."""
     out, manifest, plan, fresh = built
     state = CheckpointState.load_checkpoint(str(out / fmt.CHECKPOINT))
-    module = Module(str(out / fmt.TRAINING_MODEL), state, str(out / fmt.EVAL_MODEL))
-    optimizer = Optimizer(str(out / fmt.OPTIMIZER_MODEL), module)
+    module, optimizer = training_module(out, state, manifest["training_session"])
     optimizer.set_learning_rate(SETTINGS.lr)
 
     net = lora.inject(HollowedNet(fresh.unet, plan), plan.lora, plan.lora_targets)
@@ -106,24 +110,32 @@ def test_one_ort_training_step_equals_torch_adamw(built):
             p.copy_(torch.from_numpy(value))
     reference = torch.optim.AdamW(list(params.values()), lr=SETTINGS.lr, betas=SETTINGS.betas, eps=SETTINGS.eps,
                                   weight_decay=SETTINGS.weight_decay)
-    x = _inputs(plan, fresh.unet.config.cross_attention_dim, seed=3)
-
     module.train()
-    ort_loss = float(module(*[x[k] for k in fmt.TRAIN_INPUTS]))
-    optimizer.step()
-    module.lazy_reset_grad()
-    torch_loss = net(*_torch(x, *fmt.TRAIN_INPUTS))
-    torch_loss.backward()
-    reference.step()
+    for seed in (3, 4):
+        x = _inputs(plan, fresh.unet.config.cross_attention_dim, seed=seed)
+        ort_loss = float(module(*[x[k] for k in fmt.TRAIN_INPUTS]))
+        ort_grads = {name: state.parameters[name].grad.copy() for name in params}
+        optimizer.step()
+        module.lazy_reset_grad()
+        reference.zero_grad()
+        torch_loss = net(*_torch(x, *fmt.TRAIN_INPUTS))
+        torch_loss.backward()
+        reference.step()
+        assert abs(ort_loss - torch_loss.item()) <= 1e-5 * abs(torch_loss.item())
+        for name, p in params.items():
+            want = p.grad.numpy()
+            assert np.linalg.norm(want) > 0, name
+            assert np.linalg.norm(ort_grads[name] - want) <= 1e-4 * np.linalg.norm(want), (seed, name)
 
-    assert abs(ort_loss - torch_loss.item()) <= 1e-5 * abs(torch_loss.item())
     compared = 0
     for name, p in params.items():
         grad = p.grad.abs().numpy()
-        # Adam divides by |g| + eps: where |g| nears eps, fp32 rounding in the gradient dominates the step
+        # Adam divides by |g| + eps: where |g| nears eps, fp32 rounding in the gradient dominates the step.
+        # 5 % of lr: the second update divides two steps' moments, where the gradients' fp32 rounding
+        # shows up to 1.5 % of lr (measured on the three models); a gradient off in size moves it by tens of %
         mask = grad > max(1e-3 * grad.max(), 1e-6)
         diff = np.abs(state.parameters[name].data - p.detach().numpy())
-        assert diff[mask].max(initial=0.0) <= 1e-5, name
+        assert diff[mask].max(initial=0.0) <= 5e-5, name
         compared += int(mask.sum())
     assert compared > 0.5 * sum(p.numel() for p in params.values())
 
