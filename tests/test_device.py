@@ -202,7 +202,7 @@ def test_every_save_closes_the_sessions_and_training_goes_on_exactly(small_bundl
 
     def spy_open(*args):
         module, optimizer = real_open(*args)
-        opened.append(weakref.ref(module))
+        opened.extend((weakref.ref(module), weakref.ref(optimizer)))  # the optimizer holds a session of its own
         return module, optimizer
 
     def spy_save(*args):
@@ -213,7 +213,7 @@ def test_every_save_closes_the_sessions_and_training_goes_on_exactly(small_bundl
     monkeypatch.setattr(dtrain, "_save", spy_save)
     every = dtrain.train(small_bundle, collected, tmp_path / "every", dtrain.TrainConfig(steps=6, checkpoint_every=1,
                                                                                        progress=False))
-    assert len(opened) == 6 and open_at_save == [0] * 6  # opened once, reopened after each save but the last
+    assert len(opened) == 12 and open_at_save == [0] * 6  # opened once, reopened after each save but the last
     monkeypatch.undo()
     once = dtrain.train(small_bundle, collected, tmp_path / "once", dtrain.TrainConfig(steps=6, checkpoint_every=6,
                                                                                       progress=False))

@@ -69,6 +69,7 @@ def test_lora_only_checkpoint_resumes_after_sigkill_to_the_uninterrupted_lora(sm
     resumed = dtrain.train(small_bundle, buffer, run, dtrain.TrainConfig(steps=STEPS, checkpoint_every=3,
                                                                          progress=False))
     assert resumed["finished"] and resumed["step"] == STEPS
+    assert resumed["starts"] == [0, killed_at["step"]]  # resumed from the checkpoint, not trained again from 0
     got = _lora(run / resumed["checkpoint"])
     assert sorted(got) == names
     for n in names:
