@@ -174,3 +174,25 @@ def test_recompute_levels_rewrite_only_the_high_resolution_units(tmp_path):
     assert_trains_identically(tmp_path / "top", static, steps=3)
     with pytest.raises(RecomputeError, match="at least 1"):
         recompute_units(onnx.load(str(static / fmt.TRAINING_MODEL)), levels=0)
+
+
+def _backward_reads_of_weight_transposes(model):
+    """Independent inspection: forward Transposes of a 2-D initializer, and the backward nodes reading them."""
+    graph = model.graph
+    forward = forward_names(graph)
+    two_d = {i.name for i in graph.initializer if len(i.dims) == 2}
+    transposes = {n.output[0] for n in graph.node
+                  if n.name in forward and n.op_type == "Transpose" and n.input[0] in two_d}
+    return transposes, [(n.name, t) for n in graph.node if n.name not in forward for t in n.input if t in transposes]
+
+
+def test_the_backward_reads_each_weight_untransposed(plain):
+    """A Linear exports as MatMul(x, Transpose(W)) and ORT's gradient reads that W^T in the backward, so every
+    linear weight would be held twice from the forward to the backward; the rewrite makes the backward read W
+    (the training math is covered by the tests above)."""
+    model = onnx.load(str(plain / fmt.TRAINING_MODEL), load_external_data=False)
+    transposes, reads = _backward_reads_of_weight_transposes(model)
+    assert len(transposes) > 50 and len(reads) > 50  # as exported, the backward reads the forward's W^T
+    recompute_units(model)
+    transposes, reads = _backward_reads_of_weight_transposes(model)
+    assert len(transposes) > 50 and reads == []

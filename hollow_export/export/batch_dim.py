@@ -6,8 +6,10 @@ Out: the same model, changed in place: the batch inputs' first dimension is unkn
      name), every Reshape / Expand whose constant target shape starts with the batch (1) takes that first
      entry from `Shape(first batch input)[0:1]` instead (shapes a graph already computes with Shape nodes,
      as an export without constant folding writes them, follow the inputs by themselves), and the stale
-     `value_info` is dropped. The math and the kernels are unchanged; the graph still runs at batch 1
-     (and now says so only at run time).
+     `value_info` is dropped. Only a Reshape / Expand of a tensor computed from the batch inputs' data is
+     rewired: a weight reshaped to (1, C, 1, 1) for broadcasting keeps its 1. The math and the kernels are
+     unchanged; the graph runs at batch 1 as before and at any other batch (a batch's loss and gradients
+     are the mean of its samples').
      `unknown_batch` returns the number of Reshape / Expand nodes rewired.
 
 Why. ORT's sequential allocation planner (1.19.2, `allocation_planner.cc`) lets a new tensor take the buffer
@@ -56,12 +58,13 @@ def unknown_batch(model: onnx.ModelProto, inputs: list[str]) -> int:
     graph = model.graph
     batch_inputs = _batch_inputs(graph, inputs)
     constants = _int64_constants(graph)
+    derived = _batch_derived(graph, [value.name for value in batch_inputs])
     batch = f"{PREFIX}/batch"
     added = [helper.make_node("Shape", [batch_inputs[0].name], [batch], name=batch, start=0, end=1)]
     rewired, count = {}, 0
     for node in graph.node:
-        if node.op_type not in RESHAPING or len(node.input) < 2:
-            continue
+        if node.op_type not in RESHAPING or len(node.input) < 2 or node.input[0] not in derived:
+            continue  # a weight's (1, C, 1, 1) stays: its 1 is a broadcast, not the batch
         shape = constants.get(node.input[1])
         if shape is None or shape.ndim != 1 or len(shape) < 2 or shape[0] != 1:
             continue
@@ -95,6 +98,20 @@ def _batch_inputs(graph: onnx.GraphProto, names: list[str]) -> list:
                              f"not the static batch 1 this rewrite expects (rewritten already?)")
         out.append(value)
     return out
+
+
+def _batch_derived(graph: onnx.GraphProto, inputs: list[str]) -> set[str]:
+    """Names of the tensors computed from the data of `inputs` (Shape and Size read only a shape)."""
+    derived, changed = set(inputs), True
+    while changed:  # one pass when the nodes are in topological order, as exported
+        changed = False
+        for node in graph.node:
+            if node.op_type in ("Shape", "Size") or not any(i in derived for i in node.input):
+                continue
+            new = [o for o in node.output if o and o not in derived]
+            derived.update(new)
+            changed = changed or bool(new)
+    return derived
 
 
 def _int64_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
