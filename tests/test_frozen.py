@@ -178,3 +178,30 @@ def test_fp16_weight_casts_wait_for_their_readers(bundles):
         for reader in readers.get(cast.output[0], []):
             waits = [i for i in reader.input if i in produced and i not in from_weights]
             assert not waits, f"{reader.name} reads an early fp32 weight copy though it could wait for {waits[0]}"
+
+
+def _weight_copies_ort_makes(folder, settings, tmp_path):
+    """Independent of the package's graph code: the training graph as ORT optimises it at session creation
+    (`optimized_model_filepath`) and the initializers of 256 or more elements ORT added to it, i.e. weights
+    it computed once and holds (a folded Cast or Transpose of a frozen weight)."""
+    from onnxruntime.training.api import Module
+
+    from hollow_export.device.ort_session import training_options
+
+    options = training_options(settings)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    Module(str(folder / fmt.TRAINING_MODEL), CheckpointState.load_checkpoint(str(folder / fmt.CHECKPOINT)), None,
+           session_options=options)
+    original = {i.name for i in onnx.load(str(folder / fmt.TRAINING_MODEL), load_external_data=False).graph.initializer}
+    optimized = onnx.load(options.optimized_model_filepath, load_external_data=False).graph.initializer
+    return [i.name for i in optimized if i.name not in original and np.prod(i.dims) >= 256]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_the_bundle_session_makes_no_copy_of_a_frozen_weight(bundles, dtype, tmp_path):
+    """With the manifest's session (ConstantFolding and NchwcTransformer off) ORT adds no weight of its own to the
+    graph it runs; with ORT's defaults it folds the weights' Transposes (and fp16 Casts) into fp32 copies."""
+    settings = fmt.open_bundle(bundles[dtype], verify=False)["training_session"]
+    assert _weight_copies_ort_makes(bundles[dtype], settings, tmp_path) == []
+    defaults = {**settings, "config_entries": {}}
+    assert len(_weight_copies_ort_makes(bundles[dtype], defaults, tmp_path)) > 20  # the check sees folding
