@@ -76,6 +76,35 @@ def forward_names(graph):
     return fwd
 
 
+def backward_names(graph):
+    """Independent of the package: names of the nodes computed from the gradient seed `<loss>_grad` (the
+    initializer ORT's gradient builder starts the backward from), the backward."""
+    readers = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    backward, stack = set(), [graph.output[0].name + "_grad"]
+    while stack:
+        for n in readers.get(stack.pop(), []):
+            if n.name not in backward:
+                backward.add(n.name)
+                stack += [o for o in n.output if o]
+    assert len(backward) > len(graph.node) / 3  # the seed was found: the backward is a large part of the graph
+    return backward
+
+
+def ancestor_names(graph, tensors):
+    """Names of the nodes that `tensors` are computed from."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    seen, stack = set(), list(tensors)
+    while stack:
+        n = producer.get(stack.pop())
+        if n is not None and n.name not in seen:
+            seen.add(n.name)
+            stack += list(n.input)
+    return seen
+
+
 def assert_trains_identically(folder, reference, steps=4):
     """Losses and LoRA after `steps` ORT steps of `folder` equal `reference`'s bit for bit (tolerance 0)."""
     ref_losses, ref_lora = ort_steps(reference, steps=steps)

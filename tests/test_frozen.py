@@ -15,7 +15,7 @@ from hollow_export.export.build import BuildSettings, build
 from hollow_export.export.frozen import ALIGN, FROZEN_DATA, FrozenError, write_frozen_data
 from hollow_export.models.load import load_pipeline
 
-from ort_steps import ort_steps
+from ort_steps import ancestor_names, backward_names, ort_steps
 
 
 def _build(folder, settings, round_fp16=False):
@@ -152,27 +152,14 @@ def test_fp16_weight_casts_wait_for_their_readers(bundles):
     gated = [n for n in graph.node if n.op_type == "Cast" and n.input[0] not in from_weights
              and n.name.startswith("frozen16/") and n.attribute[0].i == onnx.TensorProto.FLOAT]
     assert len(gated) > 20
-    backward, stack = set(), [graph.output[0].name + "_grad"]  # computed from the gradient seed
-    while stack:
-        for n in readers.get(stack.pop(), []):
-            if n.name not in backward:
-                backward.add(n.name)
-                stack += [o for o in n.output if o]
-    producer = {o: n for n in graph.node for o in n.output if o}
+    backward = backward_names(graph)
     backward_gated = 0
     for cast in gated:  # a backward reader's copy waits for the backward, not just for some forward tensor
         after = [r for r in readers.get(cast.output[0], [])]
         after += [r2 for r in after if r.op_type == "Reshape" for r2 in readers.get(r.output[0], [])]
-        if not any(r.name in backward for r in after):
-            continue
-        seen, todo = set(), list(cast.input)
-        while todo:
-            n = producer.get(todo.pop())
-            if n is not None and n.name not in seen:
-                seen.add(n.name)
-                todo += list(n.input)
-        assert seen & backward, f"{cast.name} feeds a backward reader but waits for no backward tensor"
-        backward_gated += 1
+        if any(r.name in backward for r in after):
+            assert ancestor_names(graph, cast.input) & backward, f"{cast.name} feeds a backward reader, waits for none"
+            backward_gated += 1
     assert backward_gated > 20
     for cast in early:
         for reader in readers.get(cast.output[0], []):

@@ -10,7 +10,8 @@ from hollow_export import bundle as fmt
 from hollow_export.export.build import BuildSettings
 from hollow_export.export.recompute import RecomputeError, recompute_attention
 
-from ort_steps import assert_trains_identically, build_tiny, forward_names, ort_steps
+from ort_steps import (ancestor_names, assert_trains_identically, backward_names, build_tiny, forward_names,
+                       ort_steps)
 
 PLAIN = BuildSettings(lr=1e-3, recompute_attention=False, recompute_units=False, frozen_external=False)
 
@@ -43,15 +44,7 @@ def _chunks_run_their_backward_in_turn(model, forward_softmax):
             readers.setdefault(i, []).append(n)
 
     def ancestors(name):
-        seen, stack = set(), [name]
-        while stack:
-            t = stack.pop()
-            n = prod.get(t)
-            if n is None or n.name in seen:
-                continue
-            seen.add(n.name)
-            stack += list(n.input)
-        return seen
+        return ancestor_names(g, [name])
 
     groups = {}
     for sm in forward_softmax:  # graph order: chunk 0 first
@@ -70,32 +63,11 @@ def _chunks_run_their_backward_in_turn(model, forward_softmax):
 
 def _ungated_copies(model):
     """Independent inspection: recomputed softmaxes (`recompute/` copies) with no ancestor computed from the
-    gradient seed `<loss>_grad` (the backward), i.e. copies ORT could run during the forward and hold, as it
-    would hold P itself."""
+    gradient seed (the backward), i.e. copies ORT could run during the forward and hold, as it would hold P."""
     g = model.graph
-    prod = {o: n for n in g.node for o in n.output}
-    readers = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    backward, stack = set(), [g.output[0].name + "_grad"]
-    while stack:
-        for n in readers.get(stack.pop(), []):
-            if n.name not in backward:
-                backward.add(n.name)
-                stack += list(n.output)
-    assert len(backward) > len(g.node) / 3  # the check sees the backward
-    ungated = []
-    for copy in (n for n in g.node if n.op_type == "Softmax" and n.name.startswith("recompute/")):
-        seen, stack = set(), list(copy.input)
-        while stack:
-            n = prod.get(stack.pop())
-            if n is not None and n.name not in seen:
-                seen.add(n.name)
-                stack += list(n.input)
-        if not seen & backward:
-            ungated.append(copy.name)
-    return ungated
+    backward = backward_names(g)
+    return [n.name for n in g.node if n.op_type == "Softmax" and n.name.startswith("recompute/")
+            and not ancestor_names(g, n.input) & backward]
 
 
 def _rewritten_copy(src, dst):
