@@ -92,7 +92,22 @@ def test_ort_training_steps_equal_torch_adamw(built):
     PyTorch module with `torch.optim.AdamW`: the loss and every LoRA gradient of each step, then the
     weights. AdamW's first update is about lr * sign(g), blind to a gradient's size: the gradients are
     compared themselves, and the second update weighs the two steps' gradients by the moments."""
-    out, manifest, plan, fresh = built
+    _assert_two_steps_equal_torch_adamw(*built)
+
+
+@pytest.mark.parametrize("spec", [LoraSpec(rank=4, alpha=8.0, targets="attn+conv"),
+                                  LoraSpec(rank=4, alpha=8.0, blocks=("down_blocks.0", "up_blocks.2"))],
+                         ids=["attn+conv", "block-wise"])
+def test_other_lora_targets_train_like_torch_adamw(spec, tmp_path):
+    """`build --targets attn+conv` (LoRA on the resnets' convs too) and block-wise LoRA (`--blocks`): the same
+    two-step comparison with PyTorch on the tiny pipeline."""
+    pipe = load_pipeline(arch="tiny")
+    plan = make_plan(pipe.unet, depth=3, lora=spec)
+    manifest = build(pipe, plan, tmp_path / "b", "a sks dog", "a dog", SETTINGS, {"source": "tiny"})
+    _assert_two_steps_equal_torch_adamw(tmp_path / "b", manifest, plan, load_pipeline(arch="tiny"))
+
+
+def _assert_two_steps_equal_torch_adamw(out, manifest, plan, fresh):
     state = CheckpointState.load_checkpoint(str(out / fmt.CHECKPOINT))
     module, optimizer = training_module(out, state, manifest["training_session"])
     optimizer.set_learning_rate(SETTINGS.lr)
