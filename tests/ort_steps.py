@@ -78,7 +78,8 @@ def forward_names(graph):
 
 def backward_names(graph):
     """Independent of the package: names of the nodes computed from the gradient seed `<loss>_grad` (the
-    initializer ORT's gradient builder starts the backward from), the backward."""
+    initializer ORT's gradient builder starts the backward from), the backward. A node outside it runs
+    on forward tensors and weights alone, so ORT may run it during the forward."""
     readers = {}
     for n in graph.node:
         for i in n.input:

@@ -67,7 +67,7 @@ def _ungated_copies(model):
     g = model.graph
     backward = backward_names(g)
     return [n.name for n in g.node if n.op_type == "Softmax" and n.name.startswith("recompute/")
-            and not ancestor_names(g, n.input) & backward]
+            and n.name not in backward]
 
 
 def _rewritten_copy(src, dst):

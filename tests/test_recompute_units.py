@@ -13,7 +13,7 @@ from hollow_export.export.build import BuildSettings
 from hollow_export.export.recompute import RecomputeError
 from hollow_export.export.recompute_units import recompute_units
 
-from ort_steps import assert_trains_identically, build_tiny, forward_names
+from ort_steps import assert_trains_identically, backward_names, build_tiny, forward_names
 
 PLAIN = BuildSettings(lr=1e-3, recompute_units=False)  # every other lever on, as the bundle is built
 
@@ -144,6 +144,10 @@ def test_built_bundle_has_the_units_rewritten(plain, tmp_path):
     model = onnx.load(str(folder / fmt.TRAINING_MODEL), load_external_data=False)
     assert any(n.name.startswith("recompute_units/") for n in model.graph.node)
     assert _recomputed_activations(model) == []
+    backward = backward_names(model.graph)  # no copy can run before the backward reaches its unit
+    copies = [n for n in model.graph.node if n.name.startswith("recompute_units/")]
+    assert len(copies) > 1000
+    assert [n.name for n in copies if n.name not in backward] == []
 
 
 def test_graph_without_unit_scopes_is_refused(plain):
