@@ -386,6 +386,33 @@ def bench_ort(arch, resolution, rank, fraction, depth, steps, engines, threads, 
     _bench_done(result, ort_text)
 
 
+@bench.command("floor")
+@click.option("--arch", type=click.Choice(BENCH_ARCHS), default="tiny", show_default=True,
+              help="Architecture (random weights).")
+@click.option("--resolutions", default="64,128,256,512", show_default=True,
+              help="Image sides in px, comma-separated: one `bench ort` run per side.")
+@click.option("--rank", type=COUNT, default=128, show_default=True, help="LoRA rank.")
+@click.option("--fraction", type=SHARE, default=0.4, show_default=True, help="Target hollowed parameter share.")
+@click.option("--depth", type=DEPTH, default=None, help="Hollow depth k (overrides --fraction).")
+@click.option("--steps", type=TIMED_STEPS, default=4, show_default=True,
+              help="ORT steps per row (first is warm-up).")
+@click.option("--threads", type=COUNT, default=None, help="ORT threads per process (default: ORT's).")
+@click.option("--timeout", type=POSITIVE, default=None, help="Seconds per build/measure process.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the temporary bundles go.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
+              help="Folder for the result JSON and PNG.")
+def bench_floor(arch, resolutions, rank, fraction, depth, steps, threads, timeout, workdir, out):
+    """Hollowed/plain-LoRA ORT peak ratio against image size, and its floor with no activation held."""
+    from .bench.ort_floor import floor_bench, floor_text
+    sides = _numbers(resolutions, int, "image sides in px")
+    if any(side < 8 for side in sides):
+        raise click.BadParameter(f"{resolutions!r}: every image side must be at least 8 px",
+                                 param_hint="'--resolutions'")
+    result = floor_bench(arch=arch, resolutions=tuple(sides), rank=rank, fraction=fraction, depth=depth,
+                         steps=steps, threads=threads, out=Path(out), workdir=workdir, timeout=timeout)
+    _bench_done(result, floor_text)
+
+
 def _numbers(csv: str, kind, what: str) -> list:
     try:
         return [kind(n) for n in (_names(csv) or [])]

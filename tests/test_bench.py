@@ -525,3 +525,37 @@ def test_cli_profile_without_a_token_exits_1_and_bench_writes_json_and_png(fake_
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = CliRunner().invoke(main, ["bench", "memory", "--cases", "no_such_case", "--out", str(out)])
     assert run.exit_code == 1 and "unknown case" in run.output
+
+
+def test_floor_bench_on_tiny_resumes_after_the_sides_already_measured(tmp_path, monkeypatch):
+    from hollow_export.bench import ort_floor
+
+    real, calls = ort_floor.ort_bench, []
+
+    def interrupted(**kwargs):
+        calls.append(kwargs["resolution"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the run during the second side
+        return real(**kwargs)
+
+    monkeypatch.setattr(ort_floor, "ort_bench", interrupted)
+    quiet = {"arch": "tiny", "resolutions": (64, 128), "rank": RANK, "depth": 3, "steps": 2, "threads": 2,
+             "out": tmp_path, "log": lambda *_: None}
+    with pytest.raises(KeyboardInterrupt):
+        ort_floor.floor_bench(**quiet)
+    assert calls == [64, 128] and (tmp_path / "ort_floor_tiny_r4_k3.partial.json").exists()
+    calls.clear()
+    monkeypatch.setattr(ort_floor, "ort_bench", lambda **kw: calls.append(kw["resolution"]) or real(**kw))
+    result = ort_floor.floor_bench(**quiet)
+    assert calls == [128]  # the finished side was kept
+    assert not (tmp_path / "ort_floor_tiny_r4_k3.partial.json").exists()
+    kept = make_plan(load_unet(arch="tiny", meta=True), depth=3, lora=LoraSpec(rank=RANK)).kept_params
+    for side in result["sides"]:
+        rows = {r["name"]: r for r in side["rows"]}
+        h, lora = rows["all_fp32"]["peak_rss_bytes"], rows["lora_all"]["peak_rss_bytes"]
+        assert side["ratio"] == h / lora and side["saved_bytes"] == lora - h
+        frozen = rows["all_fp32"]["files_bytes"]["frozen_weights.bin"]
+        assert 4 * kept <= frozen <= 4 * kept + 4096 * 600  # the kept fp32 weights, page-aligned
+        assert 0 < side["floor_hollowed_bytes"] < h and 0 < side["floor_lora_bytes"] < lora
+    assert [s["resolution"] for s in result["sides"]] == [64, 128]
+    assert open(result["files"]["png"], "rb").read(4) == b"\x89PNG" and "floor" in ort_floor.floor_text(result)
