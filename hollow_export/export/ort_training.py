@@ -16,10 +16,9 @@ activation at its last use (`batch_dim.py`).
 
 The training graph is traced without its weights; the frozen ones stay named graph inputs (later
 external initializers in frozen_weights.bin), and the checkpoint is written from the torch tensors
-directly. So neither the exporter nor `generate_artifacts` ever holds a weight in a protobuf: the
-latter sees a graph of a few MB, whatever the
-model size (it peaks near 8x the bytes of the graph it is given), and a >2 GB net never meets
-protobuf's 2 GB limit. ORT 1.19.2 lacks gradients or CPU kernels for three ops the U-Net exports
+directly. So neither the exporter nor `generate_artifacts` ever holds a frozen weight in a protobuf:
+the latter sees a graph of a few MB whatever the model size (it peaks near 8x the bytes of the graph it
+is given), and a >2 GB net never meets protobuf's 2 GB limit. ORT 1.19.2 lacks gradients or CPU kernels for three ops the U-Net exports
 to; `onnx.ort_friendly` swaps the modules behind them for basic-op twins.
 """
 
@@ -76,7 +75,7 @@ def export_training_graph(net: nn.Module, args: tuple, input_names: list[str], p
     The exporter traces the graph without any weight (every parameter and buffer a named graph input);
     then the LoRA weights and the buffers become initializers again, from their torch tensors. So no
     protobuf ever holds the frozen weights, whatever their size (below 2 GB the exporter would build
-    one, with two more copies of them in memory: +5 GB at sd21 depth 4).
+    one, with two more copies of them in memory: +4.5 GB at sd21 depth 4).
 
     Returns (trainable names, frozen names) as they appear in the graph.
     """
@@ -91,8 +90,9 @@ def export_training_graph(net: nn.Module, args: tuple, input_names: list[str], p
     graph_inputs = [i.name for i in model.graph.input]
     trainable = [n for n in graph_inputs if n in params and ".lora_" in n]
     frozen = [n for n in graph_inputs if n in params and ".lora_" not in n]
-    _weights_to_initializers(model, {n: params[n] for n in trainable} | {n: b for n, b in buffers.items()
-                                                                        if n in graph_inputs})
+    filled = {n: params[n] for n in trainable}  # LoRA, and any buffer the graph reads
+    filled.update((n, b) for n, b in buffers.items() if n in graph_inputs)
+    _weights_to_initializers(model, filled)
     onnx.save(model, str(path))
     return trainable, frozen
 
