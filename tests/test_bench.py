@@ -540,7 +540,7 @@ def test_floor_bench_on_tiny_resumes_after_the_sides_already_measured(tmp_path, 
 
     monkeypatch.setattr(ort_floor, "ort_bench", interrupted)
     quiet = {"arch": "tiny", "resolutions": (64, 128), "rank": RANK, "depth": 3, "steps": 2, "threads": 2,
-             "out": tmp_path, "log": lambda *_: None}
+             "out": tmp_path, "workdir": tmp_path / "work" / "new", "log": lambda *_: None}  # workdir made
     with pytest.raises(KeyboardInterrupt):
         ort_floor.floor_bench(**quiet)
     assert calls == [64, 128] and (tmp_path / "ort_floor_tiny_r4_k3.partial.json").exists()

@@ -299,6 +299,8 @@ def _measure_rows(names, case: dict, timeout, workdir, partial, log, rounds: int
     its peaks the highest of its rounds'."""
     order = sorted(names, key=lambda n: [ROWS[m].build_key() for m in names].index(ROWS[n].build_key()))
     measured = {}
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hollow-ort-", dir=workdir) as tmp:
         builds, dumps = {}, {}
         if rounds > 1:  # every folder first, kept: no build runs between two measures
