@@ -190,5 +190,6 @@ def test_the_bundle_session_makes_no_copy_of_a_frozen_weight(bundles, dtype, tmp
     graph it runs; with ORT's defaults it folds the weights' Transposes (and fp16 Casts) into fp32 copies."""
     settings = fmt.open_bundle(bundles[dtype], verify=False)["training_session"]
     assert _weight_copies_ort_makes(bundles[dtype], settings, tmp_path) == []
-    defaults = {**settings, "config_entries": {}}
-    assert len(_weight_copies_ort_makes(bundles[dtype], defaults, tmp_path)) > 20  # the check sees folding
+    if dtype == "fp16":  # the check sees folding: with ORT's default optimizers the Casts are folded
+        defaults = {**settings, "config_entries": {}}
+        assert len(_weight_copies_ort_makes(bundles[dtype], defaults, tmp_path)) > 20
