@@ -113,3 +113,36 @@ def assert_trains_identically(folder, reference, steps=4):
     np.testing.assert_array_equal(losses, ref_losses)
     for name in ref_lora:
         np.testing.assert_array_equal(lora[name], ref_lora[name], err_msg=name)
+
+
+def assert_batch_of_two_is_the_mean(folder):
+    """One step of the bundle's training graph on two samples (a runtime `batch_size` of 2) gives the mean of
+    the two samples' losses (the loss is a mean over equal-size samples) and of their LoRA gradients."""
+    options = training_options(fmt.open_bundle(folder, verify=False)["training_session"])
+    state = CheckpointState.load_checkpoint(str(folder / fmt.CHECKPOINT))
+    module = Module(str(folder / fmt.TRAINING_MODEL), state, None, session_options=options)
+    g = np.random.default_rng(5)
+    names = sorted(n for n, p in state.parameters if p.requires_grad)
+    for n in names:  # non-zero B, so every LoRA tensor has a gradient
+        if "lora_B" in n:
+            state.parameters[n] = (g.standard_normal(state.parameters[n].data.shape) * 0.1).astype(np.float32)
+    shapes = _shapes(folder)
+    pair = {name: (g.integers(0, 1000, size=2).astype(np.int64) if name == "timestep"
+                   else g.standard_normal([2, *shapes[name][1:]]).astype(np.float32))
+            for name in module.input_names()}
+    module.train()
+
+    def step(feed):
+        loss = float(module(*[feed[name] for name in module.input_names()]))
+        grads = {n: state.parameters[n].grad.copy() for n in names}
+        module.lazy_reset_grad()
+        return loss, grads
+
+    halves = [step({name: value[k:k + 1] for name, value in pair.items()}) for k in (0, 1)]
+    loss, grads = step(pair)
+    assert halves[0][0] != halves[1][0]
+    assert abs(loss - (halves[0][0] + halves[1][0]) / 2) <= 1e-5 * abs(loss)
+    for n in names:
+        want = (halves[0][1][n] + halves[1][1][n]) / 2
+        assert np.linalg.norm(want) > 0, n
+        assert np.linalg.norm(grads[n] - want) <= 1e-4 * np.linalg.norm(want), n

@@ -10,7 +10,7 @@ from hollow_export import bundle as fmt
 from hollow_export.export.batch_dim import BatchError, unknown_batch
 from hollow_export.export.build import BuildSettings
 
-from ort_steps import build_tiny, ort_steps
+from ort_steps import assert_batch_of_two_is_the_mean, build_tiny, ort_steps
 
 STATIC = BuildSettings(lr=1e-3, unknown_batch=False)  # every other lever on, as the bundle is built
 
@@ -80,47 +80,7 @@ def test_refuses_a_second_rewrite_and_a_missing_input(unknown, static):
         unknown_batch(model, ["latents"])
 
 
-@pytest.fixture(scope="module")
-def unknown_fp16(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("unknown16") / "b", BuildSettings(lr=1e-3, frozen_dtype="float16"))
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_a_batch_of_two_is_the_mean_of_its_two_samples(unknown, unknown_fp16, dtype):
+def test_a_batch_of_two_is_the_mean_of_its_two_samples(unknown):
     """At batch 1 every rewired `Shape(input)[0]` equals the constant 1 it replaced, so only a larger batch
-    shows a batch that is wrong somewhere: one step on two samples (the runtime's `batch_size` 2) gives the
-    mean of their two losses (the loss is a mean over equal-size samples) and of their LoRA gradients."""
-    from onnxruntime.training.api import CheckpointState, Module
-
-    from hollow_export.device.ort_session import training_options
-
-    unknown = unknown if dtype == "fp32" else unknown_fp16  # fp16: the weights' Casts gated on activations
-    options = training_options(fmt.open_bundle(unknown, verify=False)["training_session"])
-    state = CheckpointState.load_checkpoint(str(unknown / fmt.CHECKPOINT))
-    module = Module(str(unknown / fmt.TRAINING_MODEL), state, None, session_options=options)
-    g = np.random.default_rng(5)
-    names = sorted(n for n, p in state.parameters if p.requires_grad)
-    for n in names:  # non-zero B, so every LoRA tensor has a gradient
-        if "lora_B" in n:
-            state.parameters[n] = (g.standard_normal(state.parameters[n].data.shape) * 0.1).astype(np.float32)
-    graphs = fmt.open_bundle(unknown, verify=False)["graphs"]
-    shapes = {i["name"]: i["shape"] for i in graphs[fmt.TRAINING_MODEL]["inputs"]}
-    pair = {name: (g.integers(0, 1000, size=2).astype(np.int64) if name == "timestep"
-                   else g.standard_normal([2, *shapes[name][1:]]).astype(np.float32))
-            for name in module.input_names()}
-    module.train()
-
-    def step(feed):
-        loss = float(module(*[feed[name] for name in module.input_names()]))
-        grads = {n: state.parameters[n].grad.copy() for n in names}
-        module.lazy_reset_grad()
-        return loss, grads
-
-    halves = [step({name: value[k:k + 1] for name, value in pair.items()}) for k in (0, 1)]
-    loss, grads = step(pair)
-    assert halves[0][0] != halves[1][0]
-    assert abs(loss - (halves[0][0] + halves[1][0]) / 2) <= 1e-5 * abs(loss)
-    for n in names:
-        want = (halves[0][1][n] + halves[1][1][n]) / 2
-        assert np.linalg.norm(want) > 0, n
-        assert np.linalg.norm(grads[n] - want) <= 1e-4 * np.linalg.norm(want), n
+    shows a batch that is wrong somewhere (the fp16 bundle: test_frozen.py)."""
+    assert_batch_of_two_is_the_mean(unknown)

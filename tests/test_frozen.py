@@ -15,7 +15,7 @@ from hollow_export.export.build import BuildSettings, build
 from hollow_export.export.frozen import ALIGN, FROZEN_DATA, FrozenError, write_frozen_data
 from hollow_export.models.load import load_pipeline
 
-from ort_steps import backward_names, ort_steps
+from ort_steps import assert_batch_of_two_is_the_mean, backward_names, ort_steps
 
 
 def _build(folder, settings, round_fp16=False):
@@ -193,3 +193,8 @@ def test_the_bundle_session_makes_no_copy_of_a_frozen_weight(bundles, dtype, tmp
     if dtype == "fp16":  # the check sees folding: with ORT's default optimizers the Casts are folded
         defaults = {**settings, "config_entries": {}}
         assert len(_weight_copies_ort_makes(bundles[dtype], defaults, tmp_path)) > 20
+
+
+def test_fp16_bundle_runs_a_batch_of_two(bundles):
+    """The fp16 weights' Casts are gated on empty slices of activations: they hold at any batch too."""
+    assert_batch_of_two_is_the_mean(bundles["fp16"])
