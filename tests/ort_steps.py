@@ -12,18 +12,9 @@ def ort_steps(folder, steps=4, lr=1e-3, options=None, seed=0, b_init=0.1):
 
     `options`: the session options; default: the bundle's own `training_session` settings.
     """
-    if options is None:
-        options = training_options(fmt.open_bundle(folder, verify=False)["training_session"])
-    state = CheckpointState.load_checkpoint(str(folder / fmt.CHECKPOINT))
-    module = Module(str(folder / fmt.TRAINING_MODEL), state, None, session_options=options)
+    state, module, names = _open_module(folder, options, np.random.default_rng(seed), b_init)
     optimizer = Optimizer(str(folder / fmt.OPTIMIZER_MODEL), module)
     optimizer.set_learning_rate(lr)
-    g = np.random.default_rng(seed)
-    names = sorted(n for n, p in state.parameters if p.requires_grad)
-    for n in names:
-        if "lora_B" in n:
-            shape = state.parameters[n].data.shape
-            state.parameters[n] = (g.standard_normal(shape) * b_init).astype(np.float32)
     module.train()
     losses = []
     inputs_meta = {i: None for i in module.input_names()}
@@ -41,6 +32,21 @@ def ort_steps(folder, steps=4, lr=1e-3, options=None, seed=0, b_init=0.1):
         module.lazy_reset_grad()
     lora = {n: np.array(state.parameters[n].data) for n in names}
     return np.array(losses), lora
+
+
+def _open_module(folder, options, g, b_init):
+    """(state, Module, LoRA names) of the bundle's training graph (`options`: default the bundle's own
+    `training_session`), lora_B drawn from `g` times `b_init`, so every LoRA tensor has a gradient."""
+    if options is None:
+        options = training_options(fmt.open_bundle(folder, verify=False)["training_session"])
+    state = CheckpointState.load_checkpoint(str(folder / fmt.CHECKPOINT))
+    module = Module(str(folder / fmt.TRAINING_MODEL), state, None, session_options=options)
+    names = sorted(n for n, p in state.parameters if p.requires_grad)
+    for n in names:
+        if "lora_B" in n:
+            shape = state.parameters[n].data.shape
+            state.parameters[n] = (g.standard_normal(shape) * b_init).astype(np.float32)
+    return state, module, names
 
 
 def _shapes(folder):
@@ -118,14 +124,8 @@ def assert_trains_identically(folder, reference, steps=4):
 def assert_batch_of_two_is_the_mean(folder):
     """One step of the bundle's training graph on two samples (a runtime `batch_size` of 2) gives the mean of
     the two samples' losses (the loss is a mean over equal-size samples) and of their LoRA gradients."""
-    options = training_options(fmt.open_bundle(folder, verify=False)["training_session"])
-    state = CheckpointState.load_checkpoint(str(folder / fmt.CHECKPOINT))
-    module = Module(str(folder / fmt.TRAINING_MODEL), state, None, session_options=options)
     g = np.random.default_rng(5)
-    names = sorted(n for n, p in state.parameters if p.requires_grad)
-    for n in names:  # non-zero B, so every LoRA tensor has a gradient
-        if "lora_B" in n:
-            state.parameters[n] = (g.standard_normal(state.parameters[n].data.shape) * 0.1).astype(np.float32)
+    state, module, names = _open_module(folder, None, g, 0.1)
     shapes = _shapes(folder)
     pair = {name: (g.integers(0, 1000, size=2).astype(np.int64) if name == "timestep"
                    else g.standard_normal([2, *shapes[name][1:]]).astype(np.float32))
