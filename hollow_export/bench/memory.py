@@ -332,15 +332,17 @@ def memory_text(result: dict) -> str:
                      _fmt_bytes(r.get("held_bytes")), _fmt_bytes(r.get("peak_bytes")),
                      _fmt_ratio(r.get("peak_vs_inference")), _fmt_ratio(r.get("peak_vs_inference_same_dtype")),
                      f"{r['flops']['forward'] / scale:.4f}", f"{r['flops']['step'] / scale:.4f}",
-                     _fmt_ratio(r.get("flops_vs_inference")), ", ".join(diff) or ("FAILED" if r.get("error") else "")])
+                     _fmt_ratio(r.get("flops_vs_inference")),
+                     ", ".join(diff) or ("FAILED" if r.get("error") else "")])
     head = ["case", "dtype", "base params", "LoRA/train", "held GB", "peak GB", "vs inf", "vs inf(dtype)",
             f"fwd {unit}", f"step {unit}", "FLOPs vs inf", "diff vs fp32 ref"]
     s = result["settings"]
+    inference_flops = next((r["flops"]["step"] for r in result["rows"] if r["case"] == "inference"), 0)
     text = [f"bench memory: {s['arch']} on {s['device']}, {s['resolution']} px, LoRA r={s['rank']}, depth "
             f"{s['depth']} ({s['hollowed_fraction']:.1%} hollowed)", settings_text(s), "",
             format_table(head, rows), "",
             f"dual-path inference FLOPs per denoising evaluation: {result['dual_path_flops'] / scale:.4f} {unit} "
-            f"(full U-Net inference: {next((r['flops']['step'] for r in result['rows'] if r['case'] == 'inference'), 0) / scale:.4f})"]
+            f"(full U-Net inference: {inference_flops / scale:.4f})"]
     text += ["notes:"] + [f"  - {n}" for n in result["notes"]]
     return "\n".join(text)
 
@@ -372,7 +374,5 @@ def plot_memory(result: dict, path: Path) -> None:
     b.set_xlabel(f"FLOPs per step ({unit}; training: forward + backward)")
     b.invert_yaxis()
     s = result["settings"]
-    fig.suptitle(f"{s['arch']} {s['device']} {s['resolution']}px r={s['rank']} depth {s['depth']} "
-                 f"({s['hollowed_fraction']:.0%} hollowed), torch {s['torch']}, {s['date'][:10]}")
-    save_figure(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, f"{s['arch']} {s['device']} {s['resolution']}px r={s['rank']} depth {s['depth']} "
+                           f"({s['hollowed_fraction']:.0%} hollowed), torch {s['torch']}, {s['date'][:10]}")

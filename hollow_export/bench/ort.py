@@ -80,8 +80,8 @@ ROWS = {
     "all_fp16": Row("hollowed", "all levers, fp16 frozen", ALL_FP16, TRAINING_SESSION, "baseline"),
     "all_fp16_arena_off": Row("hollowed", "all levers, fp16 frozen, CPU arena off", ALL_FP16,
                               {**TRAINING_SESSION, "enable_cpu_mem_arena": False}, "baseline"),
-    "all_but_units": Row("hollowed", "all levers but unit recompute, fp32 frozen", {**ALL_FP32, "recompute_units": False},
-                         TRAINING_SESSION, "baseline"),
+    "all_but_units": Row("hollowed", "all levers but unit recompute, fp32 frozen",
+                         {**ALL_FP32, "recompute_units": False}, TRAINING_SESSION, "baseline"),
     "all_top2_units": Row("hollowed", "all levers, units recomputed at the 2 highest resolutions only, fp32 frozen",
                           {**ALL_FP32, "recompute_levels": 2}, TRAINING_SESSION, "baseline"),
     "all_whole_units": Row("hollowed", "all levers, unit copies recompute every activation (no kept boundaries: "
@@ -519,8 +519,5 @@ def plot_ort(result: dict, path: Path) -> None:
     for ax in (a, b):
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     s = result["settings"]
-    fig.suptitle(f"ORT {s['onnxruntime']}: {s['arch']} {s['resolution']}px r={s['rank']} depth {s['depth']} "
-                 f"({s['date'][:10]})")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, f"ORT {s['onnxruntime']}: {s['arch']} {s['resolution']}px r={s['rank']} depth {s['depth']} "
+                           f"({s['date'][:10]})")

@@ -139,8 +139,5 @@ def plot_floor(result: dict, path: Path) -> None:
         ax.set_xlabel("image side (px)")
         ax.legend(fontsize=8)
     s = result["settings"]
-    fig.suptitle(f"ORT {s['onnxruntime']}: {s['arch']} r={s['rank']} depth {s['depth']} "
-                 f"({s['hollowed_fraction']:.1%} hollowed), {s['date'][:10]}")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, f"ORT {s['onnxruntime']}: {s['arch']} r={s['rank']} depth {s['depth']} "
+                           f"({s['hollowed_fraction']:.1%} hollowed), {s['date'][:10]}")

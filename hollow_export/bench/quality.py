@@ -342,8 +342,5 @@ def plot_quality(result: dict, path: Path) -> None:
     ax.set_ylabel("toy judge score (mean ± std over subjects x seeds)")
     ax.legend(fontsize=8)
     s = result["settings"]
-    fig.suptitle(f"personalization quality: subjects {s['subjects']}, {s['steps']} steps, rank {s['rank']}, "
-                 f"fraction {s['fraction']} ({s['date'][:10]})")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, f"personalization quality: subjects {s['subjects']}, {s['steps']} steps, rank {s['rank']}, "
+                           f"fraction {s['fraction']} ({s['date'][:10]})")

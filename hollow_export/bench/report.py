@@ -56,9 +56,13 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path, title: str) -> None:
+    """Title `fig`, lay it out, write it to `path` as PNG (atomically) and close it."""
+    fig.suptitle(title)
+    fig.tight_layout()
     with store.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
 
 
 def write_outputs(result: dict, out: Path, stem: str, plot_fn, extra: dict | None = None) -> dict:

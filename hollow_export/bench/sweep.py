@@ -174,8 +174,5 @@ def plot_sweep(result: dict, path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("hollowed share of U-Net parameters (%)")
     s = result["settings"]
-    fig.suptitle(f"hollow-depth sweep: {s['arch']} {s['resolution']}px r={s['rank']} ({s['device']}, "
-                 f"torch {s['torch']}, {s['date'][:10]})")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, f"hollow-depth sweep: {s['arch']} {s['resolution']}px r={s['rank']} ({s['device']}, "
+                           f"torch {s['torch']}, {s['date'][:10]})")
