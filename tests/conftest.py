@@ -114,6 +114,25 @@ def small_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """`ort_steps.build_tiny` with `BuildSettings(lr=1e-3)` (every lever as `build` sets it), built once per test
+    session for every test that needs exactly that bundle. Read-only: a test that changes a bundle copies it."""
+    from hollow_export.export.build import BuildSettings
+    from ort_steps import build_tiny
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "bundle", BuildSettings(lr=1e-3))
+
+
+@pytest.fixture(scope="session")
+def tiny_chunked_bundle(tmp_path_factory):
+    """`build_tiny` with attention in chunks of 64 query tokens (4 chunks at the tiny's 16x16 latents, as at
+    sd21's 64x64 with 512) and no unit recompute; once per session, read-only."""
+    from hollow_export.export.build import BuildSettings
+    from ort_steps import build_tiny
+    settings = BuildSettings(lr=1e-3, recompute_units=False, attention_chunk=64)
+    return build_tiny(tmp_path_factory.mktemp("tiny-chunked") / "bundle", settings)
+
+
+@pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory):
     from hollow_export.demo import subject_photos
     folder = tmp_path_factory.mktemp("photos")

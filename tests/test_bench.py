@@ -284,17 +284,27 @@ def _torch_libraries(mapped: set) -> set:
     return {p for p in mapped if re.search(r"/torch/|libtorch|libc10", p)}
 
 
-def test_ort_bench_on_tiny_trains_each_bundle_without_torch(tmp_path, monkeypatch):
-    seen = _watch_bench_children(monkeypatch)
-    result = ort.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, threads=2, out=tmp_path,
-                               log=lambda *_: None)
+@pytest.fixture(scope="module")
+def tiny_ort(tmp_path_factory):
+    """One `bench ort` run of the default rows on tiny, two rounds, its children watched from outside
+    (`_watch_bench_children`), into a --workdir that does not exist yet. Returns (result, seen, log lines)."""
+    tmp, lines = tmp_path_factory.mktemp("ort"), []
+    with pytest.MonkeyPatch.context() as patch:
+        seen = _watch_bench_children(patch)
+        result = ort.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, threads=2, out=tmp,
+                               workdir=tmp / "work" / "new", rounds=2, log=lines.append)
+    return result, seen, lines
+
+
+def test_ort_bench_on_tiny_trains_each_bundle_without_torch(tiny_ort):
+    result, seen, _ = tiny_ort
     rows = {r["kind"]: r for r in result["rows"]}
     assert list(rows) == ["hollowed", "lora", "inference"]
     # torch-freedom of the measured processes, seen from outside: each mapped ONNX Runtime's library and no
     # torch library (so its RSS holds none). The check can fail: the building children, which use torch,
     # map it, and so does a measuring child without its blocker, since `import onnxruntime` (1.19.2
     # training wheel) imports torch itself when it is installed.
-    assert len(seen["ort_measure"]) == 3 and len(seen["ort_build"]) == 3
+    assert len(seen["ort_measure"]) == 3 * 2 and len(seen["ort_build"]) == 3  # two rounds, one build each
     for mapped in seen["ort_measure"]:
         assert any("onnxruntime_pybind11_state" in p for p in mapped), sorted(mapped)[:20]
         assert not _torch_libraries(mapped), _torch_libraries(mapped)
@@ -312,20 +322,15 @@ def test_ort_bench_on_tiny_trains_each_bundle_without_torch(tmp_path, monkeypatc
     assert "hollowed/lora" in ort.ort_text(result)
 
 
-def test_ort_rounds_measure_the_rows_round_robin_from_one_build_each(tmp_path):
-    lines = []
-    result = ort.ort_bench(arch="tiny", resolution=64, rank=RANK, depth=3, steps=2, threads=2, out=tmp_path,
-                           kinds=("hollowed", "inference"), rounds=2, log=lines.append)
+def test_ort_rounds_measure_the_rows_round_robin_from_one_build_each(tiny_ort, tmp_path):
+    result, _, lines = tiny_ort
     builds = [line.split("]")[0] for line in lines if "building" in line]
     measures = [line.split(" ...")[0] for line in lines if "measuring" in line]
-    assert builds == ["[hollowed", "[inference"]  # each folder built once, both before the second round
-    assert measures == ["[hollowed] measuring in a fresh process (round 1 of 2)",
-                        "[inference] measuring in a fresh process (round 1 of 2)",
-                        "[hollowed] measuring in a fresh process (round 2 of 2)",
-                        "[inference] measuring in a fresh process (round 2 of 2)"]
+    assert builds == ["[hollowed", "[lora", "[inference"]  # each folder built once, all before the second round
+    assert measures == [f"[{kind}] measuring in a fresh process (round {n} of 2)"
+                        for n in (1, 2) for kind in ("hollowed", "lora", "inference")]
     assert result["settings"]["rounds"] == 2
     for row in result["rows"]:
-        assert "error" not in row, row.get("error")
         rounds = row["rounds"]
         assert len(rounds) == 2
         assert row["median_step_seconds"] == pytest.approx(np.median([r["median_step_seconds"] for r in rounds]))
@@ -527,26 +532,34 @@ def test_cli_profile_without_a_token_exits_1_and_bench_writes_json_and_png(fake_
     assert run.exit_code == 1 and "unknown case" in run.output
 
 
-def test_floor_bench_on_tiny_resumes_after_the_sides_already_measured(tmp_path, monkeypatch):
+def test_floor_bench_on_tiny_resumes_after_the_sides_already_measured(tiny_ort, tmp_path, monkeypatch):
+    """The floor's rows, `all_fp32` and `lora_all`, are the default rows `hollowed` and `lora` by another name
+    (the same build settings and session): the tiny run measured them already, so each side is given them."""
     from hollow_export.bench import ort_floor
+    from hollow_export.export.build import BuildSettings
 
-    real, calls = ort_floor.ort_bench, []
+    assert BuildSettings() == BuildSettings(**ort.ALL_FP32) and ort.ROWS["hollowed"].build is None
+    for default, floor in (("hollowed", "all_fp32"), ("lora", "lora_all")):
+        assert ort.ROWS[default].session == ort.ROWS[floor].session
+    renamed = {"hollowed": "all_fp32", "lora": "lora_all"}
+    measured = {**tiny_ort[0], "rows": [{**r, "name": renamed[r["kind"]]} for r in tiny_ort[0]["rows"]
+                                        if r["kind"] in renamed]}
+    calls = []
 
     def interrupted(**kwargs):
         calls.append(kwargs["resolution"])
+        assert kwargs["kinds"] == ("all_fp32", "lora_all") and kwargs["depth"] == 3 and kwargs["rank"] == RANK
         if len(calls) == 2:
             raise KeyboardInterrupt  # the user stops the run during the second side
-        return real(**kwargs)
+        return measured
 
     monkeypatch.setattr(ort_floor, "ort_bench", interrupted)
     quiet = {"arch": "tiny", "resolutions": (64, 128), "rank": RANK, "depth": 3, "steps": 2, "threads": 2,
-             "out": tmp_path, "workdir": tmp_path / "work" / "new", "log": lambda *_: None}  # workdir made
+             "out": tmp_path, "log": lambda *_: None}
     with pytest.raises(KeyboardInterrupt):
         ort_floor.floor_bench(**quiet)
     assert calls == [64, 128] and (tmp_path / "ort_floor_tiny_r4_k3.partial.json").exists()
-    measured = json.loads((tmp_path / "ort_floor_tiny_r4_k3.partial.json").read_text())["sides"]["64"]
-    calls.clear()  # the rerun: the 64 px side is kept; 128 px is given the 64 px rows (one real run is enough)
-    monkeypatch.setattr(ort_floor, "ort_bench", lambda **kw: calls.append(kw["resolution"]) or measured)
+    calls.clear()
     result = ort_floor.floor_bench(**quiet)
     assert calls == [128]  # the finished side was kept
     assert not (tmp_path / "ort_floor_tiny_r4_k3.partial.json").exists()

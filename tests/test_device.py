@@ -228,8 +228,10 @@ def test_every_save_closes_the_sessions_and_training_goes_on_exactly(small_bundl
 
 def test_runtime_runs_without_torch_and_resumes_after_sigkill(small_bundle, collected, trained, tmp_path):
     """Killed right after a checkpoint and mid-way between two, each restart resumes from the checkpoint on
-    disk at the kill, and the final LoRA equals the uninterrupted run's bit for bit."""
+    disk at the kill, and the final LoRA equals the uninterrupted run's bit for bit. The bundle's checkpoints
+    hold LoRA and its AdamW state only (format 2), so this is also the SIGKILL proof for that format."""
     from hollow_export.store import load_tensors
+    assert fmt.open_bundle(small_bundle)["frozen"]["file"] == fmt.FROZEN_WEIGHTS
     expected = load_tensors(trained[2] / dexport.LORA_EXPORT)
     run = tmp_path / "run"
     args = ["train", "--bundle", small_bundle, "--buffer", collected, "--run", run, "--steps", STEPS,

@@ -36,6 +36,10 @@ def _pipe(name):
 def built(request, tmp_path_factory):
     pipe = _pipe(request.param)
     plan = make_plan(pipe.unet, depth=DEPTHS[request.param], lora=LoraSpec(rank=4, alpha=8.0))
+    if request.param == "tiny":  # this very build (ort_steps.build_tiny, SETTINGS) is shared with other files
+        assert SETTINGS == BuildSettings(lr=1e-3)
+        out = request.getfixturevalue("tiny_bundle")
+        return out, fmt.open_bundle(out), plan, _pipe(request.param)
     out = tmp_path_factory.mktemp("bundle") / "b"
     # small_sd2 is built as `hollow-export build` builds SD2.1: the pipeline released stage by stage and
     # the inference graphs' weights streamed to external data (there from 1 GiB, here from 0 bytes)

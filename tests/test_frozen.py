@@ -29,11 +29,11 @@ def _build(folder, settings, round_fp16=False):
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+def bundles(tmp_path_factory, tiny_bundle):
     root = tmp_path_factory.mktemp("frozen")
     return {
         "checkpoint": _build(root / "ckpt", BuildSettings(lr=1e-3, frozen_external=False)),
-        "fp32": _build(root / "fp32", BuildSettings(lr=1e-3)),
+        "fp32": tiny_bundle,  # _build(..., BuildSettings(lr=1e-3)), shared
         "fp16": _build(root / "fp16", BuildSettings(lr=1e-3, frozen_dtype="float16")),
         "rounded": _build(root / "rounded", BuildSettings(lr=1e-3, frozen_external=False), round_fp16=True),
     }

@@ -90,8 +90,9 @@ def test_rewritten_graph_trains_exactly_like_the_plain_graph(plain, tmp_path):
     assert_trains_identically(tmp_path / "rc", plain, steps=4)
 
 
-def test_chunked_export_is_recognised_and_trains_like_unchunked(plain, tmp_path):
-    folder = _build(tmp_path / "chunked", BuildSettings(lr=1e-3, attention_chunk=64, recompute_units=False, frozen_external=False))
+def test_chunked_export_is_recognised_and_trains_like_unchunked(plain, tiny_chunked_bundle):
+    folder = tiny_chunked_bundle  # attention_chunk=64, no unit recompute; its frozen weights external, which
+    # trains bit-identically to checkpoint-fed weights as in `plain` (test_frozen.py)
     model = onnx.load(str(folder / fmt.TRAINING_MODEL))
     unchunked = sum(n.op_type == "Softmax" for n in onnx.load(str(plain / fmt.TRAINING_MODEL)).graph.node)
     forward_softmax = [n for n in model.graph.node if n.op_type == "Softmax" and not n.name.startswith("recompute/")]

@@ -118,9 +118,8 @@ def _copied(model, op, pattern):
             if n.name.startswith("recompute_units/") and n.op_type == op and re.search(pattern, n.name)]
 
 
-def test_unit_copies_read_the_attention_and_resnet_outputs_from_the_forward(tmp_path):
-    # attention chunked (64 query tokens: 4 chunks at the tiny's 16x16 latents), as at sd21's 64x64 with 512
-    chunked = _build(tmp_path / "chunked", BuildSettings(lr=1e-3, recompute_units=False, attention_chunk=64))
+def test_unit_copies_read_the_attention_and_resnet_outputs_from_the_forward(tiny_chunked_bundle, tmp_path):
+    chunked = tiny_chunked_bundle  # attention in 4 chunks, as at sd21's 64x64 latents with 512
     whole = onnx.load(str(chunked / fmt.TRAINING_MODEL))
     recompute_units(whole, keep_boundaries=False)
     kept = onnx.load(str(chunked / fmt.TRAINING_MODEL))
@@ -139,9 +138,8 @@ def test_unit_copies_read_the_attention_and_resnet_outputs_from_the_forward(tmp_
     assert_trains_identically(tmp_path / "kept", chunked, steps=3)
 
 
-def test_built_bundle_has_the_units_rewritten(plain, tmp_path):
-    folder = _build(tmp_path / "b", BuildSettings(lr=1e-3))
-    model = onnx.load(str(folder / fmt.TRAINING_MODEL), load_external_data=False)
+def test_built_bundle_has_the_units_rewritten(tiny_bundle):
+    model = onnx.load(str(tiny_bundle / fmt.TRAINING_MODEL), load_external_data=False)
     assert any(n.name.startswith("recompute_units/") for n in model.graph.node)
     assert _recomputed_activations(model) == []
     backward = backward_names(model.graph)  # no copy can run before the backward reaches its unit
