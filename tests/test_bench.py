@@ -331,6 +331,7 @@ def test_ort_rounds_measure_the_rows_round_robin_from_one_build_each(tiny_ort, t
                         for n in (1, 2) for kind in ("hollowed", "lora", "inference")]
     assert result["settings"]["rounds"] == 2
     for row in result["rows"]:
+        assert "error" not in row, row.get("error")
         rounds = row["rounds"]
         assert len(rounds) == 2
         assert row["median_step_seconds"] == pytest.approx(np.median([r["median_step_seconds"] for r in rounds]))

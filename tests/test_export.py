@@ -39,7 +39,7 @@ def built(request, tmp_path_factory):
     if request.param == "tiny":  # this very build (ort_steps.build_tiny, SETTINGS) is shared with other files
         assert SETTINGS == BuildSettings(lr=1e-3)
         out = request.getfixturevalue("tiny_bundle")
-        return out, fmt.open_bundle(out), plan, _pipe(request.param)
+        return out, fmt.open_bundle(out), plan, pipe  # `pipe` built nothing: it is a fresh one
     out = tmp_path_factory.mktemp("bundle") / "b"
     # small_sd2 is built as `hollow-export build` builds SD2.1: the pipeline released stage by stage and
     # the inference graphs' weights streamed to external data (there from 1 GiB, here from 0 bytes)
